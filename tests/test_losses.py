@@ -157,6 +157,17 @@ class HandComputedTest(parameterized.TestCase):
         np.testing.assert_allclose(m["kl"], k3.mean(), rtol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_entropy_bonus_and_metric(self):
+        inp = one_row([0.0, 0.0], [1.0, 1.0])._replace(entropy=jnp.array([[2.0, 4.0]]))
+        cfg = LossConfig(entropy_coef=0.01)
+        loss, m = self.variant(lambda i: policy_loss("ppo", i, config=cfg))(inp)
+        np.testing.assert_allclose(loss, -1.0 - 0.01 * 3.0, rtol=1e-6)
+        np.testing.assert_allclose(m["entropy"], 3.0, rtol=1e-6)
+        # without a per-token entropy, the metric is the sampled-token estimate mean(-logp)
+        _, m2 = self.variant(lambda i: policy_loss("ppo", i))(one_row([-1.0, -3.0], [1.0, 1.0]))
+        np.testing.assert_allclose(m2["entropy"], 2.0, rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_tis_truncates_sampler_mismatch(self):
         inp = one_row([0.0, 0.0], [1.0, 1.0])
         inp = inp._replace(behaviour_logprobs=jnp.array([[-math.log(4.0), 0.0]]))
