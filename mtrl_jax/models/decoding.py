@@ -1,0 +1,180 @@
+"""Batched KV-cache decoding: prefill, sampling, and continuing a conversation.
+
+A :class:`~mtrl_jax.models.transformer.KVCache` holds a prefix of each sequence. ``generate``
+first *extends* the cache with the new input tokens of each row (a prompt, or the tool results
+appended for the next turn -- whatever the cache does not hold yet), then samples up to
+``max_new_tokens`` tokens per row in a ``lax.while_loop``, one cached step each. Nothing already
+in the cache is re-encoded.
+
+Shapes are static per (batch, input bucket, cache size, max_new_tokens): the sampler pads inputs
+to a few buckets (:func:`bucket_length`) so a run compiles a handful of programs, not one per turn.
+
+Log-probs returned are ``log softmax(logits / temperature)`` of the sampled tokens -- the
+distribution the trainer recomputes -- before top-k/top-p truncation (with truncation on, the
+true behaviour probability of a kept token is higher by the kept mass; see the TIS correction
+in :mod:`mtrl_jax.kernels.losses`). With ``temperature == 0`` decoding is greedy and the
+log-probs are those of the untempered distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtrl_jax.models.transformer import CausalLM, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature (0 = greedy), top_p (1 = off), top_k (0 = off), max_tokens per turn and the
+    stop token ids (the stop token is kept in the output)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_tokens < 1:
+            raise ValueError("top_k must be >= 0 and max_tokens >= 1")
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # [B, max_new] int32 (0 after the end)
+    logprobs: jax.Array  # [B, max_new] f32 (0 after the end)
+    num_tokens: jax.Array  # [B] int32 generated tokens per row
+    stopped: jax.Array  # [B] bool: ended on a stop token (else: budget or cache full)
+    cache: KVCache  # holds inputs + generated tokens except each row's last sampled token
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The input bucket for ``n`` tokens: the next power of two, at least ``minimum``."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def sample_from_logits(logits: jax.Array, key: jax.Array, params: SamplingParams):
+    """Sample one token per row of ``logits [B, V] f32``; returns ``(tokens, logprobs)``."""
+    if params.temperature == 0.0:
+        tok = jnp.argmax(logits, axis=-1)
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        return tok.astype(jnp.int32), jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+    scaled = logits / params.temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    masked = scaled
+    if params.top_k > 0:
+        kth = jax.lax.top_k(scaled, params.top_k)[0][:, -1:]
+        masked = jnp.where(scaled < kth, -jnp.inf, masked)
+    if params.top_p < 1.0:
+        sorted_logits = jnp.sort(masked, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = (cum - probs) < params.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        masked = jnp.where(masked < threshold, -jnp.inf, masked)
+    tok = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+    return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+def _last_hidden(hidden: jax.Array, num_new: jax.Array) -> jax.Array:
+    idx = jnp.maximum(num_new - 1, 0)
+    return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+
+
+def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
+              key: jax.Array, max_new: jax.Array, params: SamplingParams, max_new_tokens: int,
+              use_lora: bool) -> GenerateOutput:
+    b = inputs.shape[0]
+    hidden, cache = model.extend(cache, inputs, num_inputs, use_lora=use_lora)
+    logits = model.logits(_last_hidden(hidden, num_inputs))
+    key, sub = jax.random.split(key)
+    tok, lp = sample_from_logits(logits, sub, params)
+    stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
+    active = max_new > 0
+
+    out_tok = jnp.zeros((b, max_new_tokens), jnp.int32)
+    out_lp = jnp.zeros((b, max_new_tokens), jnp.float32)
+    out_tok = out_tok.at[:, 0].set(jnp.where(active, tok, 0))
+    out_lp = out_lp.at[:, 0].set(jnp.where(active, lp, 0.0))
+    count = active.astype(jnp.int32)
+    stopped = active & jnp.isin(tok, stop_ids)
+    done = ~active | stopped | (count >= max_new) | (cache.lengths >= cache.max_len)
+
+    def cond(carry):
+        step, _, _, done, *_ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, last, done, count, stopped, out_tok, out_lp, key = carry
+        feed = (~done).astype(jnp.int32)
+        hidden, cache = model.extend(cache, last[:, None], feed, use_lora=use_lora)
+        logits = model.logits(hidden[:, 0])
+        key, sub = jax.random.split(key)
+        tok, lp = sample_from_logits(logits, sub, params)
+        live = ~done
+        out_tok = out_tok.at[:, step].set(jnp.where(live, tok, 0))
+        out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
+        count = count + live.astype(jnp.int32)
+        hit = live & jnp.isin(tok, stop_ids)
+        stopped = stopped | hit
+        last = jnp.where(live, tok, last)
+        done = done | hit | (count >= max_new) | (cache.lengths >= cache.max_len)
+        return step + 1, cache, last, done, count, stopped, out_tok, out_lp, key
+
+    carry = (jnp.int32(1), cache, tok, done, count, stopped, out_tok, out_lp, key)
+    _, cache, _, _, count, stopped, out_tok, out_lp, _ = jax.lax.while_loop(cond, body, carry)
+    return GenerateOutput(out_tok, out_lp, count, stopped, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "use_lora"),
+                   donate_argnames=("cache",))
+def _generate_jit(graphdef, state, cache, inputs, num_inputs, key, max_new, params,
+                  max_new_tokens, use_lora):
+    model = nnx.merge(graphdef, state)
+    return _generate(model, cache, inputs, num_inputs, key, max_new, params, max_new_tokens,
+                     use_lora)
+
+
+def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
+             key: jax.Array, params: SamplingParams, *, max_new: jax.Array | None = None,
+             max_new_tokens: int | None = None, use_lora: bool = True) -> GenerateOutput:
+    """Feed ``inputs [B, T]`` (first ``num_inputs [B]`` real, each ``>= 1``) after the cache's
+    contents, then sample.
+
+    Args:
+      model: the policy; cache: its KV cache (donated: use the returned one).
+      key: PRNG key.
+      params: :class:`SamplingParams` (static: one compilation per distinct value).
+      max_new: optional per-row budget ``[B]`` (``<= max_new_tokens``; 0 = skip the row).
+      max_new_tokens: static loop bound (default ``params.max_tokens``).
+      use_lora: sample from the policy with (default) or without its adapters.
+
+    Rows generate until a stop token, their budget, or a full cache. The returned cache holds
+    everything but each row's last sampled token, which the next call's ``inputs`` must begin
+    with (the agent loop feeds "episode tokens not yet in the cache").
+    """
+    max_new_tokens = max_new_tokens or params.max_tokens
+    b = inputs.shape[0]
+    if cache.batch_size != b:
+        raise ValueError(f"cache holds {cache.batch_size} rows but 'inputs' has {b}")
+    if max_new is None:
+        max_new = jnp.full((b,), max_new_tokens, jnp.int32)
+    graphdef, state = nnx.split(model)
+    return _generate_jit(graphdef, state, cache, jnp.asarray(inputs, jnp.int32),
+                         jnp.asarray(num_inputs, jnp.int32), key,
+                         jnp.minimum(jnp.asarray(max_new, jnp.int32), max_new_tokens),
+                         params, max_new_tokens, use_lora)

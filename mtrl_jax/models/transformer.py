@@ -1,0 +1,338 @@
+"""One Flax NNX decoder for the Llama, Qwen2/2.5 and Qwen3 layouts.
+
+Pre-norm blocks: ``h = x + Attn(RMSNorm(x))``, ``y = h + SwiGLU(RMSNorm(h))``; grouped-query
+attention with RoPE; optional q/k RMSNorm per head (Qwen3), q/k/v bias (Qwen2), tied or untied
+LM head. Weights are stored as ``kernel [in, out]`` (HF stores ``weight [out, in]``; the
+checkpoint code transposes).
+
+Two entry points:
+
+- :meth:`CausalLM.hidden_states` over packed rows ``tokens [B, L]`` with ``positions`` (restart
+  at 0 in every segment) and ``segment_ids`` (0 = padding): causal attention that never crosses
+  a segment. Used for training and log-probs.
+- :meth:`CausalLM.extend` with a KV cache: append ``T`` tokens per sequence (``num_new [B]`` of
+  them real) after the ``cache.lengths`` already there. Prefill, decoding (``T = 1``) and the
+  next turn of a conversation are all ``extend``.
+
+``use_lora=False`` runs the same weights with the adapters switched off -- the reference policy
+for a KL term, without a second copy of the base weights.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtrl_jax.models.config import ModelConfig
+from mtrl_jax.models.lora import LoRAConfig
+from mtrl_jax.models.rope import apply_rope, rope_angles, rope_frequencies
+
+NEG_INF = -1e30
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in float32 (as HF does)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value.astype(dtype) * x32.astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x W (+ b) (+ (alpha/r) x A B)``; ``W [in, out]`` frozen when LoRA is on."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, lora_rank: int,
+                 lora_scale: float, cfg: ModelConfig, lora_dtype, rngs: nnx.Rngs,
+                 init_std: float = 0.02):
+        pdt = cfg.jnp_param_dtype
+        self.kernel = nnx.Param(
+            (init_std * jax.random.normal(rngs.params(), (in_features, out_features))).astype(pdt)
+        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), pdt)) if bias else None
+        self.dtype = cfg.jnp_dtype
+        self.lora_scale = lora_scale
+        if lora_rank > 0:
+            bound = 1.0 / (in_features ** 0.5)
+            self.lora_a = nnx.LoRAParam(jax.random.uniform(
+                rngs.params(), (in_features, lora_rank), lora_dtype, -bound, bound))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, out_features), lora_dtype))
+        else:
+            self.lora_a = None
+            self.lora_b = None
+
+    def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel.value.astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(self.dtype)
+        if use_lora and self.lora_a is not None:
+            a = self.lora_a.value.astype(self.dtype)
+            b = self.lora_b.value.astype(self.dtype)
+            y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
+        return y
+
+
+class KVCache(NamedTuple):
+    """Keys and values, one ``[B, S, kv_heads, head_dim]`` array per layer (a tuple, so that a
+    step updates each in place), and the number of tokens held per sequence ``lengths [B]``."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
+    dtype = cfg.jnp_dtype if dtype is None else dtype
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   jnp.zeros((batch,), jnp.int32))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. ``q [B, T, H, D]``, ``k, v [B, S, KV, D]``, ``mask [B, T, S]``.
+
+    Scores and softmax in float32; a query with no visible key (padding) attends uniformly and
+    its output is ignored downstream.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def packed_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[B, L, L]``: query i sees key j iff j <= i and both are in the same (non-pad) segment."""
+    length = segment_ids.shape[1]
+    idx = jnp.arange(length)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal & same & (segment_ids[:, None, :] > 0)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoRAConfig, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        common = dict(cfg=cfg, lora_scale=lora.scale, lora_dtype=jnp.dtype(lora.param_dtype),
+                      rngs=rngs)
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias,
+                             lora_rank=lora.rank_for("q"), **common)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias,
+                             lora_rank=lora.rank_for("k"), **common)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias,
+                             lora_rank=lora.rank_for("v"), **common)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias,
+                             lora_rank=lora.rank_for("o"), **common)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.jnp_param_dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.jnp_param_dtype)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+
+    def qkv(self, x, cos, sin, use_lora):
+        b, t, _ = x.shape
+        q = self.q_proj(x, use_lora).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, use_lora).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, use_lora).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x, cos, sin, mask, use_lora: bool = True):
+        q, k, v = self.qkv(x, cos, sin, use_lora)
+        out = attend(q, k, v, mask)
+        return self.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoRAConfig, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        common = dict(cfg=cfg, bias=cfg.mlp_bias, lora_scale=lora.scale,
+                      lora_dtype=jnp.dtype(lora.param_dtype), rngs=rngs)
+        self.gate_proj = Linear(h, i, lora_rank=lora.rank_for("gate"), **common)
+        self.up_proj = Linear(h, i, lora_rank=lora.rank_for("up"), **common)
+        self.down_proj = Linear(i, h, lora_rank=lora.rank_for("down"), **common)
+
+    def __call__(self, x, use_lora: bool = True):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, use_lora)) * self.up_proj(x, use_lora),
+                              use_lora)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoRAConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
+        self.self_attn = Attention(cfg, lora, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                cfg.jnp_param_dtype)
+        self.mlp = MLP(cfg, lora, rngs)
+
+    def __call__(self, x, cos, sin, mask, use_lora: bool = True):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, use_lora)
+        return h + self.mlp(self.post_attention_layernorm(h), use_lora)
+
+    def extend(self, x, cos, sin, mask, k_cache, v_cache, write_pos, use_lora: bool = True):
+        """Like ``__call__`` but attends over the cache after writing this step's keys/values.
+
+        ``k_cache, v_cache [B, S, KV, D]``; ``write_pos [B, T]`` (``S`` = drop, for padding).
+        """
+        attn = self.self_attn
+        q, k, v = attn.qkv(self.input_layernorm(x), cos, sin, use_lora)
+        b_idx = jnp.arange(x.shape[0])[:, None]
+        k_cache = k_cache.at[b_idx, write_pos].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[b_idx, write_pos].set(v.astype(v_cache.dtype), mode="drop")
+        out = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        h = x + attn.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
+        return h + self.mlp(self.post_attention_layernorm(h), use_lora), k_cache, v_cache
+
+
+class CausalLM(nnx.Module):
+    """The decoder with its embedding and LM head.
+
+    Args:
+      cfg: :class:`~mtrl_jax.models.config.ModelConfig`.
+      lora: :class:`~mtrl_jax.models.lora.LoRAConfig` (``rank=0`` for none).
+      rngs: ``nnx.Rngs`` for the random initialisation (overwritten by a checkpoint load).
+    """
+
+    def __init__(self, cfg: ModelConfig, lora: LoRAConfig | None = None, *, rngs: nnx.Rngs):
+        lora = lora or LoRAConfig(rank=0)
+        self.cfg = cfg
+        self.lora_config = lora
+        pdt = cfg.jnp_param_dtype
+        self.embed_tokens = nnx.Param(
+            (0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))).astype(pdt)
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, lora, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Param(
+                (0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size))
+                 ).astype(pdt)
+            )
+        inv_freq, scale = rope_frequencies(cfg)
+        self._inv_freq = tuple(float(x) for x in inv_freq)
+        self._rope_scale = scale
+
+    # ------------------------------------------------------------------ pieces
+
+    def lm_head_kernel(self) -> jax.Array:
+        """``[hidden, vocab]`` (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens.value.T
+        return self.lm_head.value
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens.value, tokens, axis=0).astype(self.cfg.jnp_dtype)
+
+    def rope(self, positions: jax.Array):
+        import numpy as np
+
+        return rope_angles(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale)
+
+    # ------------------------------------------------------------------ packed forward
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, *, use_lora: bool = True,
+                      remat: bool = False) -> jax.Array:
+        """Final-normed hidden states ``[B, L, hidden]`` of packed rows.
+
+        Args:
+          tokens: ``[B, L] int``.
+          positions: ``[B, L] int`` position of each token within its segment (default
+            ``0..L-1``, i.e. one segment per row).
+          segment_ids: ``[B, L] int``, 0 = padding (default: all ones).
+          use_lora: ``False`` switches the adapters off (reference policy).
+          remat: recompute each layer's activations in the backward pass (saves memory).
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"'tokens' must be [B, L], got shape {tokens.shape}")
+        b, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, length), jnp.int32)
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+            if arr.shape != tokens.shape:
+                raise ValueError(f"'{name}' has shape {arr.shape} but 'tokens' has shape "
+                                 f"{tokens.shape}")
+        x = self.embed(tokens)
+        cos, sin = self.rope(positions)
+        mask = packed_mask(segment_ids)
+        for layer in self.layers:
+            if remat:
+                graphdef, state = nnx.split(layer)
+
+                def run(state, x, cos, sin, mask, graphdef=graphdef):
+                    return nnx.merge(graphdef, state)(x, cos, sin, mask, use_lora)
+
+                x = jax.checkpoint(run)(state, x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask, use_lora)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [..., H] -> [..., V]`` float32 logits (full vocabulary: small inputs only;
+        use :func:`mtrl_jax.models.logprobs.token_logprobs` for training batches)."""
+        w = self.lm_head_kernel().astype(self.cfg.jnp_dtype)
+        return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, use_lora: bool = True):
+        """Full logits ``[B, L, V] f32`` (tests and small inputs)."""
+        return self.logits(self.hidden_states(tokens, positions, segment_ids, use_lora=use_lora))
+
+    # ------------------------------------------------------------------ cached forward
+
+    def extend(self, cache: KVCache, tokens: jax.Array, num_new: jax.Array, *,
+               use_lora: bool = True) -> tuple[jax.Array, KVCache]:
+        """Append ``tokens [B, T]`` (the first ``num_new [B]`` of each row are real) to the cache.
+
+        Returns the final-normed hidden states ``[B, T, H]`` of the new tokens and the updated
+        cache (``lengths += num_new``). New tokens get positions ``lengths[b] + t``; tokens that
+        would not fit in the cache are dropped (the caller sizes the cache; the sampler checks).
+        """
+        b, t = tokens.shape
+        s = cache.max_len
+        offs = jnp.arange(t)[None, :]
+        positions = cache.lengths[:, None] + offs
+        real = offs < num_new[:, None]
+        write_pos = jnp.where(real & (positions < s), positions, s)
+        key_idx = jnp.arange(s)[None, None, :]
+        mask = key_idx <= positions[:, :, None]
+        x = self.embed(tokens)
+        cos, sin = self.rope(positions)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, k_i, v_i = layer.extend(x, cos, sin, mask, cache.k[i], cache.v[i], write_pos,
+                                       use_lora)
+            ks.append(k_i)
+            vs.append(v_i)
+        new_cache = KVCache(tuple(ks), tuple(vs),
+                            jnp.minimum(cache.lengths + num_new.astype(jnp.int32), s))
+        return self.norm(x), new_cache
