@@ -74,7 +74,7 @@ class SafetensorsDir:
             self.files = {}
             for fn in files:
                 with safe_open(os.path.join(self.path, fn), framework="numpy") as f:
-                    for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    for name in f.keys():
                         self.files[name] = os.path.join(self.path, fn)
 
     def names(self) -> set[str]:
@@ -187,7 +187,7 @@ def model_tensors(model: CausalLM) -> dict[str, np.ndarray]:
     out = {}
     for p, leaf in _base_paths(base):
         name, transpose = hf_name(p)
-        arr = _np(leaf.value if hasattr(leaf, "value") else leaf)
+        arr = _np(leaf.get_value())
         out[name] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
 
@@ -255,8 +255,8 @@ def export_peft_adapter(model: CausalLM, out_dir: str | os.PathLike, *,
     tensors = {}
     for path, lin in lora_pairs(model):
         prefix = "base_model.model.model." + ".".join(str(p) for p in path)
-        tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(_np(lin.lora_a.value).T)
-        tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(_np(lin.lora_b.value).T)
+        tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(_np(lin.lora_a[...]).T)
+        tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(_np(lin.lora_b[...]).T)
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"),
               metadata={"format": "pt"})
     config = {
@@ -284,11 +284,11 @@ def merge_lora(model: CausalLM) -> CausalLM:
     abstract = nnx.eval_shape(lambda: CausalLM(model.cfg, None, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     _, _, base = nnx.split(model, nnx.LoRAParam, ...)
-    values = {p: leaf.value for p, leaf in nnx.to_flat_state(base)}
+    values = {tuple(p): leaf.get_value() for p, leaf in nnx.to_flat_state(base)}
     scale = model.lora_config.scale
     for path, lin in lora_pairs(model):
         kpath = (*path, "kernel")
         w = values[kpath]
-        delta = (lin.lora_a.value.astype(jnp.float32) @ lin.lora_b.value.astype(jnp.float32))
+        delta = lin.lora_a[...].astype(jnp.float32) @ lin.lora_b[...].astype(jnp.float32)
         values[kpath] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
     return nnx.merge(graphdef, _state_from_flat(state, values))

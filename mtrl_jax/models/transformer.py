@@ -44,7 +44,7 @@ class RMSNorm(nnx.Module):
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(dtype) * x32.astype(dtype)
+        return self.weight[...].astype(dtype) * x32.astype(dtype)
 
 
 class Linear(nnx.Module):
@@ -71,12 +71,12 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
         x = x.astype(self.dtype)
-        y = x @ self.kernel.value.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         if use_lora and self.lora_a is not None:
-            a = self.lora_a.value.astype(self.dtype)
-            b = self.lora_b.value.astype(self.dtype)
+            a = self.lora_a[...].astype(self.dtype)
+            b = self.lora_b[...].astype(self.dtype)
             y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
         return y
 
@@ -245,11 +245,11 @@ class CausalLM(nnx.Module):
     def lm_head_kernel(self) -> jax.Array:
         """``[hidden, vocab]`` (the transposed embedding when tied)."""
         if self.lm_head is None:
-            return self.embed_tokens.value.T
-        return self.lm_head.value
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens.value, tokens, axis=0).astype(self.cfg.jnp_dtype)
+        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.cfg.jnp_dtype)
 
     def rope(self, positions: jax.Array):
         import numpy as np

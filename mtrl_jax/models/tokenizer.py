@@ -1,0 +1,127 @@
+"""Tokenizers and chat templates, from the checkpoint directory, through transformers (no torch).
+
+A model is trained on its own chat template, so the conversation -- system prompt, tool
+definitions, assistant tool calls, tool results -- is rendered by the template shipped in the
+checkpoint's ``tokenizer_config.json`` / ``chat_template.jinja``, never by a format of ours.
+
+For tiny test and demo models without a real checkpoint, :func:`build_byte_tokenizer` makes a
+byte-level tokenizer (256 byte tokens + special tokens, exact round trip) with
+:data:`TOOL_CHAT_TEMPLATE`, a template of ours in the Qwen2.5 / Hermes tool format: tool
+schemas as JSON lines inside ``<tools></tools>`` in the system turn, calls as
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` in the assistant turn, results as
+``<tool_response>...</tool_response>`` in a user turn.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+#: Qwen2.5-style ChatML template with tools (written for this project).
+TOOL_CHAT_TEMPLATE = """
+{%- set sys = messages[0].content if messages and messages[0].role == 'system' else none %}
+{%- if tools or sys is not none %}
+    {{- '<|im_start|>system\\n' }}
+    {{- sys if sys is not none else 'You are a helpful assistant.' }}
+    {%- if tools %}
+        {{- '\\n\\n# Tools\\n\\nFunction signatures, one JSON object per line:\\n<tools>' }}
+        {%- for tool in tools %}
+            {{- '\\n' }}{{- tool | tojson }}
+        {%- endfor %}
+        {{- '\\n</tools>\\n\\nTo call a function, answer with one JSON object per call inside '
+            'tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}'
+            '\\n</tool_call>' }}
+    {%- endif %}
+    {{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- for m in messages %}
+    {%- if m.role == 'system' %}
+    {%- elif m.role == 'user' or (m.role == 'assistant' and not m.tool_calls) %}
+        {{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
+    {%- elif m.role == 'assistant' %}
+        {{- '<|im_start|>assistant' }}
+        {%- if m.content %}{{- '\\n' + m.content }}{%- endif %}
+        {%- for call in m.tool_calls %}
+            {%- set fn = call.function if call.function is defined else call %}
+            {{- '\\n<tool_call>\\n{"name": "' + fn.name + '", "arguments": ' }}
+            {%- if fn.arguments is string %}{{- fn.arguments }}{%- else %}{{- fn.arguments | tojson }}{%- endif %}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif m.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+""".strip()
+
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>",
+                         "</tool_call>", "<tool_response>", "</tool_response>")
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer (and its chat template) of a local checkpoint directory; never downloads."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"{path}: the tokenizer has no chat template (tokenizer_config.json "
+                         "'chat_template' or chat_template.jinja)")
+    return tok
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *,
+                tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
+                **template_kwargs) -> str:
+    """The conversation as the model's template renders it (tools in OpenAI function format)."""
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **template_kwargs)
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *,
+                tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
+                **template_kwargs) -> list[int]:
+    """Token ids of :func:`render_chat`'s text (special tokens recognised, none added)."""
+    text = render_chat(tokenizer, messages, tools=tools,
+                       add_generation_prompt=add_generation_prompt, **template_kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def build_byte_tokenizer(special_tokens: tuple[str, ...] = CHATML_SPECIAL_TOKENS,
+                         chat_template: str = TOOL_CHAT_TEMPLATE,
+                         eos_token: str = "<|im_end|>",
+                         pad_token: str = "<|endoftext|>") -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: ids 0-255 are bytes, then ``special_tokens`` in order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
+    # ByteLevel maps each byte to a printable unicode char; give byte b the id b.
+    table = _bytes_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    assert set(vocab) <= set(byte_to_unicode)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(special_tokens))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token)
+    fast.chat_template = chat_template
+    return fast
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-unicode map (the one ByteLevel uses)."""
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
+    out = {b: chr(b) for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return out

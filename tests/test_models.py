@@ -1,0 +1,327 @@
+"""The NNX decoder without torch: log-probs, packing, LoRA, cache decoding, checkpoints."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mtrl_jax.models import (
+    CausalLM,
+    LoRAConfig,
+    ModelConfig,
+    init_cache,
+    load_model,
+    merge_lora,
+    save_model,
+    split_lora,
+)
+from mtrl_jax.models.decoding import SamplingParams, _generate_jit, bucket_length, generate
+from mtrl_jax.models.logprobs import head_logprobs, token_logprobs
+from mtrl_jax.training.lora_step import make_lora_train_step
+from tests.model_helpers import LAYOUTS, full_logprobs, perturbed_model
+from tests.packed_data import pack, scatter
+
+LORA = LoRAConfig(rank=4, alpha=8.0)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_chunked_logprobs_match_full_softmax(layout):
+    model = perturbed_model(LAYOUTS[layout], LORA)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 101, (2, 13)))
+    want = full_logprobs(model, tokens)
+    pos = jnp.broadcast_to(jnp.arange(13), (2, 13))
+    seg = jnp.ones((2, 13), jnp.int32)
+    for chunk in (1, 5, 26, 1000):
+        got = token_logprobs(model, tokens, pos, seg, chunk_size=chunk, with_entropy=True)
+        np.testing.assert_allclose(got.logprobs, want, atol=2e-5)
+    logits = model(tokens)
+    p = jax.nn.softmax(logits[:, :-1], -1)
+    ent = -jnp.sum(p * jax.nn.log_softmax(logits[:, :-1], -1), -1)
+    np.testing.assert_allclose(got.entropy[:, 1:], ent, atol=2e-5)
+    assert np.all(np.asarray(got.logprobs[:, 0]) == 0.0)
+
+
+def test_logprob_chunks_bound_memory():
+    """The compiled log-prob program's temporaries grow with the chunk, not with tokens x vocab."""
+    n, h, v = 2048, 32, 4096
+    hid = jnp.zeros((n, h))
+    tgt = jnp.zeros((n,), jnp.int32)
+    w = jnp.zeros((h, v))
+
+    def temp_bytes(chunk):
+        f = jax.jit(jax.grad(lambda hid, w: jnp.sum(
+            head_logprobs(hid, tgt, w, chunk_size=chunk).logprobs), argnums=(0, 1)))
+        return f.lower(hid, w).compile().memory_analysis().temp_size_in_bytes
+
+    full = n * v * 4
+    small = temp_bytes(128)
+    assert small < full / 4, (small, full)
+    assert temp_bytes(2048) > small
+
+
+def test_packed_equals_unpacked_logprobs():
+    model = perturbed_model(LAYOUTS["qwen2"], LORA)
+    rng = np.random.default_rng(1)
+    lengths = [7, 4, 9, 3, 5]
+    seqs = [rng.integers(0, 101, n) for n in lengths]
+
+    def run(rows, length):
+        seg, placement, _ = pack(lengths, rows, length)
+        tokens = scatter(placement, seqs, rows, length, dtype=np.int32)
+        pos = scatter(placement, [np.arange(n) for n in lengths], rows, length, dtype=np.int32)
+        lp = token_logprobs(model, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg),
+                            chunk_size=8).logprobs
+        return [np.asarray(lp)[r, s:s + n] for r, s, n in placement]
+
+    packed = run(rows=2, length=16)
+    unpacked = run(rows=5, length=10)
+    for a, b in zip(packed, unpacked, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+        assert a[0] == 0.0
+
+
+def test_attention_never_crosses_segments():
+    model = perturbed_model(LAYOUTS["llama"], LORA)
+    seg = jnp.asarray([[1] * 6 + [2] * 6 + [0] * 2])
+    pos = jnp.asarray([list(range(6)) * 2 + [0, 0]])
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 101, (1, 14))
+    b = a.copy()
+    b[0, :6] = rng.integers(0, 101, 6)  # change segment 1 only
+    b[0, 12:] = rng.integers(0, 101, 2)  # and the padding
+    lp_a = token_logprobs(model, jnp.asarray(a), pos, seg).logprobs
+    lp_b = token_logprobs(model, jnp.asarray(b), pos, seg).logprobs
+    np.testing.assert_array_equal(lp_a[0, 6:], lp_b[0, 6:])
+    assert np.all(np.asarray(lp_a[0, 12:]) == 0.0)
+
+
+def test_remat_gives_same_values_and_gradients():
+    model = perturbed_model(LAYOUTS["qwen3"], LORA)
+    graphdef, lora, base = split_lora(model)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 101, (2, 12)))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    seg = jnp.ones((2, 12), jnp.int32)
+
+    def f(lora, remat):
+        m = nnx.merge(graphdef, lora, base)
+        return jnp.sum(token_logprobs(m, tokens, pos, seg, remat=remat).logprobs)
+
+    grad_fn = jax.jit(jax.value_and_grad(f), static_argnums=1)
+    v0, g0 = grad_fn(lora, False)
+    v1, g1 = grad_fn(lora, True)
+    np.testing.assert_allclose(v0, v1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_off_is_the_base_model():
+    cfg = LAYOUTS["qwen2"]
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 101, (2, 9)))
+    fresh = CausalLM(cfg, LORA, rngs=nnx.Rngs(0))  # B = 0
+    np.testing.assert_array_equal(fresh(tokens), fresh(tokens, use_lora=False))
+    tuned = perturbed_model(cfg, LORA)
+    assert not np.allclose(tuned(tokens), tuned(tokens, use_lora=False), atol=1e-3)
+    # adapters off == a LoRA-free model holding the same base weights
+    plain = CausalLM(cfg, None, rngs=nnx.Rngs(7))
+    _, _, base = split_lora(tuned)
+    nnx.update(plain, base)
+    np.testing.assert_array_equal(tuned(tokens, use_lora=False), plain(tokens))
+    merged = merge_lora(tuned)
+    np.testing.assert_allclose(merged(tokens), tuned(tokens), atol=2e-5)
+
+
+def test_lora_step_updates_only_lora():
+    model = perturbed_model(LAYOUTS["llama"], LORA)
+    graphdef, lora, base = split_lora(model)
+    base_before = jax.tree.map(np.asarray, base)
+    lora_before = jax.tree.map(np.asarray, lora)
+    rng = np.random.default_rng(5)
+    batch = dict(tokens=jnp.asarray(rng.integers(0, 101, (2, 10))),
+                 adv=jnp.asarray(rng.normal(size=(2, 10)).astype(np.float32)))
+
+    def loss_fn(m, b):
+        lp = token_logprobs(m, b["tokens"], jnp.broadcast_to(jnp.arange(10), (2, 10)),
+                           jnp.ones((2, 10), jnp.int32)).logprobs
+        return -jnp.mean(lp * b["adv"]), {}
+
+    tx = optax.sgd(0.1)
+    step = make_lora_train_step(graphdef, tx, loss_fn)
+    lora, _, loss, _, gnorm = step(lora, tx.init(lora), base, batch)
+    assert float(gnorm) > 0 and np.isfinite(float(loss))
+    for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(a, b)
+    changed = [not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(lora_before), jax.tree.leaves(lora), strict=True)]
+    assert all(changed)
+    n_lora = sum(x.size for x in jax.tree.leaves(lora))
+    n_base = sum(x.size for x in jax.tree.leaves(base))
+    assert n_lora < n_base / 5
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+
+@jax.jit
+def _padded_logprobs(graphdef, state, tokens, n):
+    length = tokens.shape[1]
+    seg = (jnp.arange(length) < n).astype(jnp.int32)[None]
+    model = nnx.merge(graphdef, state)
+    return token_logprobs(model, tokens, jnp.arange(length)[None], seg).logprobs[0]
+
+
+def _episode_logprobs(model, seq, length=128):
+    """Full-forward log-probs of one episode (padded to a fixed length: one compilation)."""
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :len(seq)] = seq
+    graphdef, state = nnx.split(model)
+    return np.asarray(_padded_logprobs(graphdef, state, jnp.asarray(tokens), len(seq)))[:len(seq)]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_cache_decoding_equals_full_forward_over_turns(layout):
+    model = perturbed_model(LAYOUTS[layout], LORA)
+    rng = np.random.default_rng(6)
+    b, bucket = 3, 16
+    prompt_lens = np.array([5, 16, 9])
+    prompts = rng.integers(0, 101, (b, bucket))
+    cache = init_cache(model.cfg, b, 96)
+    params = SamplingParams(temperature=1.0, top_k=50, max_tokens=10)
+    out = generate(model, cache, prompts, prompt_lens, jax.random.key(0), params)
+    episodes = [list(prompts[i, :prompt_lens[i]]) + list(np.asarray(out.tokens[i, :out.num_tokens[i]]))
+                for i in range(b)]
+    behaviour = [list(np.asarray(out.logprobs[i, :out.num_tokens[i]])) for i in range(b)]
+    # next turn: feed the last sampled token + an appended "tool result"; the cache is reused
+    cache = out.cache
+    for turn in range(2):
+        appended = [rng.integers(0, 101, 3 + turn) for _ in range(b)]
+        held = np.asarray(cache.lengths)
+        feed = [np.asarray(episodes[i][held[i]:] + list(appended[i])) for i in range(b)]
+        inputs = np.zeros((b, bucket), np.int64)
+        for i in range(b):
+            inputs[i, :len(feed[i])] = feed[i]
+            episodes[i] += list(appended[i])
+        out = generate(model, cache, inputs, np.array([len(f) for f in feed]),
+                       jax.random.key(turn + 1), params)
+        for i in range(b):
+            n = int(out.num_tokens[i])
+            start = len(episodes[i])
+            episodes[i] += list(np.asarray(out.tokens[i, :n]))
+            full = _episode_logprobs(model, episodes[i])
+            np.testing.assert_allclose(np.asarray(out.logprobs[i, :n]), full[start:start + n],
+                                       atol=3e-5)
+        cache = out.cache
+    for i in range(b):  # first turn too
+        full = _episode_logprobs(model, episodes[i])
+        n0 = len(behaviour[i])
+        np.testing.assert_allclose(behaviour[i], full[prompt_lens[i]:prompt_lens[i] + n0],
+                                   atol=3e-5)
+
+
+def test_sampling_controls():
+    model = perturbed_model(LAYOUTS["qwen2"], LORA)
+    prompts = np.random.default_rng(7).integers(0, 101, (2, 16))
+    lens = np.array([4, 11])
+
+    def run(params, **kw):
+        return generate(model, init_cache(model.cfg, 2, 64), prompts, lens, jax.random.key(3),
+                        params, **kw)
+
+    greedy = run(SamplingParams(temperature=0.0, max_tokens=8))
+    top1 = run(SamplingParams(temperature=1.0, top_k=1, max_tokens=8))
+    nucleus = run(SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=8))
+    np.testing.assert_array_equal(greedy.tokens, top1.tokens)
+    np.testing.assert_array_equal(greedy.tokens, nucleus.tokens)
+    # stop on a token the greedy run emits at step 2 of row 0
+    stop = int(greedy.tokens[0, 2])
+    first = int(np.argmax(np.asarray(greedy.tokens[0]) == stop))
+    stopped = run(SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(stop,)))
+    assert bool(stopped.stopped[0]) and int(stopped.num_tokens[0]) == first + 1
+    assert np.all(np.asarray(stopped.tokens[0, first + 1:]) == 0)
+    # per-row budgets
+    limited = run(SamplingParams(temperature=0.0, max_tokens=8), max_new=jnp.array([3, 8]))
+    np.testing.assert_array_equal(limited.num_tokens, [3, 8])
+    np.testing.assert_array_equal(limited.tokens[0, :3], greedy.tokens[0, :3])
+    # a full cache ends the row
+    small = generate(model, init_cache(model.cfg, 2, 14), prompts, lens, jax.random.key(3),
+                     SamplingParams(temperature=0.0, max_tokens=8))
+    assert int(small.num_tokens[1]) == 14 - 11 + 1 and not bool(small.stopped[1])
+
+
+def test_no_recompilation_across_turns():
+    model = perturbed_model(LAYOUTS["qwen3"], LORA)
+    params = SamplingParams(temperature=1.0, max_tokens=6)
+    cache = init_cache(model.cfg, 2, 80)
+    rng = np.random.default_rng(8)
+    before = _generate_jit._cache_size()
+    for turn in range(4):
+        n = rng.integers(1, 9, 2)
+        inputs = np.zeros((2, bucket_length(8)), np.int64)
+        out = generate(model, cache, inputs, n, jax.random.key(turn), params)
+        cache = out.cache
+    assert _generate_jit._cache_size() - before == 1
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_save_load_roundtrip(tmp_path, layout):
+    model = perturbed_model(LAYOUTS[layout])
+    save_model(model, tmp_path / "one")
+    save_model(model, tmp_path / "sharded", max_shard_bytes=40_000)
+    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    tokens = jnp.asarray(np.random.default_rng(9).integers(0, 101, (1, 8)))
+    for d in ("one", "sharded"):
+        loaded = load_model(tmp_path / d)
+        assert loaded.cfg == model.cfg
+        np.testing.assert_array_equal(loaded(tokens), model(tokens))
+    with_lora = load_model(tmp_path / "one", lora=LORA)
+    np.testing.assert_array_equal(with_lora(tokens), model(tokens))  # fresh adapters: B = 0
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    model = perturbed_model(LAYOUTS["qwen2"])
+    save_model(model, tmp_path)
+    cfg_path = tmp_path / "config.json"
+    hf = json.loads(cfg_path.read_text())
+
+    hf_bad = dict(hf, model_type="gpt2")
+    cfg_path.write_text(json.dumps(hf_bad))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        load_model(tmp_path)
+
+    cfg_path.write_text(json.dumps(dict(hf, intermediate_size=128)))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight' "
+                                         r"has shape \((96, 64|64, 96)\), the config implies"):
+        load_model(tmp_path)
+
+    cfg_path.write_text(json.dumps(dict(hf, num_hidden_layers=3)))
+    with pytest.raises(ValueError, match=r"lacks tensor\(s\).*model.layers.2"):
+        load_model(tmp_path)
+
+    cfg_path.write_text(json.dumps(dict(hf, num_hidden_layers=1)))
+    with pytest.raises(ValueError, match=r"do not fit.*model.layers.1"):
+        load_model(tmp_path)
+
+    cfg_path.write_text(json.dumps(dict(hf, rope_parameters={"rope_type": "dynamic",
+                                                              "factor": 2.0})))
+    with pytest.raises(ValueError, match="dynamic"):
+        load_model(tmp_path)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        LoRAConfig(targets=("q", "qkv"))
+    cfg = LAYOUTS["qwen2"]
+    assert ModelConfig.from_hf(cfg.to_hf_dict()) == cfg
+    assert ModelConfig.from_hf(LAYOUTS["llama"].to_hf_dict()) == LAYOUTS["llama"]
+    assert CausalLM(cfg, rngs=nnx.Rngs(0)) is not None
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(CausalLM(cfg, rngs=nnx.Rngs(0)))))
+    assert n == cfg.num_params()
