@@ -192,8 +192,8 @@ def test_cache_decoding_equals_full_forward_over_turns(layout):
     cache = init_cache(model.cfg, b, 96)
     params = SamplingParams(temperature=1.0, top_k=50, max_tokens=10)
     out = generate(model, cache, prompts, prompt_lens, jax.random.key(0), params)
-    episodes = [list(prompts[i, :prompt_lens[i]]) + list(np.asarray(out.tokens[i, :out.num_tokens[i]]))
-                for i in range(b)]
+    episodes = [list(prompts[i, :prompt_lens[i]])
+                + list(np.asarray(out.tokens[i, :out.num_tokens[i]])) for i in range(b)]
     behaviour = [list(np.asarray(out.logprobs[i, :out.num_tokens[i]])) for i in range(b)]
     # next turn: feed the last sampled token + an appended "tool result"; the cache is reused
     cache = out.cache

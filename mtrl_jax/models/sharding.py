@@ -75,11 +75,10 @@ def partition_spec(path, shape: tuple[int, ...], mesh: Mesh,
                    rules: Sequence[tuple[str, P]] = PARTITION_RULES) -> P:
     """The spec for a parameter: the first matching rule, minus axes that do not divide."""
     name = path_str(path)
-    for pattern, spec in rules:
-        if re.search(pattern, name):
-            break
-    else:
+    match = next(((pat, spec) for pat, spec in rules if re.search(pat, name)), None)
+    if match is None:
         return P()
+    pattern, spec = match
     if len(spec) > len(shape):
         raise ValueError(f"rule {pattern!r} gives {spec} for {name} of shape {shape}")
     fixed = []

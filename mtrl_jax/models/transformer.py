@@ -317,7 +317,7 @@ class CausalLM(nnx.Module):
         cache (``lengths += num_new``). New tokens get positions ``lengths[b] + t``; tokens that
         would not fit in the cache are dropped (the caller sizes the cache; the sampler checks).
         """
-        b, t = tokens.shape
+        t = tokens.shape[1]
         s = cache.max_len
         offs = jnp.arange(t)[None, :]
         positions = cache.lengths[:, None] + offs
