@@ -14,7 +14,7 @@ LAYOUTS = {
         num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=False, o_bias=False,
         rope_theta=500000.0, max_position_embeddings=256,
         rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=32)),
+                                 original_max_position_embeddings=64)),
     "qwen2": ModelConfig(
         model_type="qwen2", vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2,
         num_heads=4, num_kv_heads=1, head_dim=16, qkv_bias=True, rope_theta=1e6),
