@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtrl_jax.models.transformer import CausalLM, KVCache
+from mtrl_jax.models.transformer import CausalLM, KVCache, fold_lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,25 @@ def sample_from_logits(logits: jax.Array, key: jax.Array, params: SamplingParams
         keep = (cum - probs) < params.top_p
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         masked = jnp.where(masked < threshold, -jnp.inf, masked)
-    tok = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+    tok = _inverse_cdf_sample(masked, key)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+def _inverse_cdf_sample(logits: jax.Array, key: jax.Array) -> jax.Array:
+    """One draw per row from ``softmax(logits)`` by inverting the CDF with a single uniform.
+
+    Needs one random number per row instead of one per vocabulary entry (Gumbel-max), which on
+    CPU is most of a decode step's sampling time. The f32 cumulative sum distorts probabilities
+    by about its rounding error (~1e-7 x vocab, relative).
+    """
+    probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    tok = jnp.sum(cdf <= u, axis=-1)
+    # never past the last token with non-zero probability (rounding at the top end)
+    vocab = logits.shape[-1]
+    last = vocab - 1 - jnp.argmax(jnp.flip(probs > 0, axis=-1), axis=-1)
+    return jnp.minimum(tok, last).astype(jnp.int32)
 
 
 def _last_hidden(hidden: jax.Array, num_new: jax.Array) -> jax.Array:
@@ -140,18 +157,23 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
     return GenerateOutput(out_tok, out_lp, count, stopped, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "use_lora"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "use_lora",
+                                             "fold"),
                    donate_argnames=("cache",))
 def _generate_jit(graphdef, state, cache, inputs, num_inputs, key, max_new, params,
-                  max_new_tokens, use_lora):
+                  max_new_tokens, use_lora, fold):
     model = nnx.merge(graphdef, state)
+    if use_lora and fold:
+        fold_lora(model)
+        use_lora = False
     return _generate(model, cache, inputs, num_inputs, key, max_new, params, max_new_tokens,
                      use_lora)
 
 
 def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
              key: jax.Array, params: SamplingParams, *, max_new: jax.Array | None = None,
-             max_new_tokens: int | None = None, use_lora: bool = True) -> GenerateOutput:
+             max_new_tokens: int | None = None, use_lora: bool = True,
+             fold_lora_weights: bool = True) -> GenerateOutput:
     """Feed ``inputs [B, T]`` (first ``num_inputs [B]`` real, each ``>= 1``) after the cache's
     contents, then sample.
 
@@ -162,6 +184,9 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
       max_new: optional per-row budget ``[B]`` (``<= max_new_tokens``; 0 = skip the row).
       max_new_tokens: static loop bound (default ``params.max_tokens``).
       use_lora: sample from the policy with (default) or without its adapters.
+      fold_lora_weights: fold the adapters into a temporary copy of the adapted kernels for the
+        call (one extra copy of those weights in memory; decode steps ~2x faster on CPU). The
+        log-probs then differ from the unfolded forward by f32 rounding only.
 
     Rows generate until a stop token, their budget, or a full cache. The returned cache holds
     everything but each row's last sampled token, which the next call's ``inputs`` must begin
@@ -177,4 +202,4 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
     return _generate_jit(graphdef, state, cache, jnp.asarray(inputs, jnp.int32),
                          jnp.asarray(num_inputs, jnp.int32), key,
                          jnp.minimum(jnp.asarray(max_new, jnp.int32), max_new_tokens),
-                         params, max_new_tokens, use_lora)
+                         params, max_new_tokens, use_lora, fold_lora_weights)

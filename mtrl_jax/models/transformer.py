@@ -31,6 +31,8 @@ from mtrl_jax.models.lora import LoRAConfig
 from mtrl_jax.models.rope import apply_rope, rope_angles, rope_frequencies
 
 NEG_INF = -1e30
+#: Query block of the packed (causal) attention; see :func:`attend`.
+ATTENTION_BLOCK = 256
 
 
 class RMSNorm(nnx.Module):
@@ -70,7 +72,10 @@ class Linear(nnx.Module):
             self.lora_b = None
 
     def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
-        x = x.astype(self.dtype)
+        # Flatten to [tokens, in]: XLA:CPU runs 2-D matmuls far faster than contractions over
+        # two leading dims (the LoRA weight gradients, [B, L, in] x [B, L, r], were 5x slower).
+        lead = x.shape[:-1]
+        x = x.astype(self.dtype).reshape(-1, x.shape[-1])
         y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -78,12 +83,26 @@ class Linear(nnx.Module):
             a = self.lora_a[...].astype(self.dtype)
             b = self.lora_b[...].astype(self.dtype)
             y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
-        return y
+        return y.reshape(*lead, y.shape[-1])
+
+
+def fold_lora(model: nnx.Module) -> None:
+    """In place: ``kernel += (alpha/r) A B`` in every adapted :class:`Linear` (adapters stay, so
+    call the model with ``use_lora=False`` afterwards). Used inside jit on a traced copy of the
+    weights, e.g. by the sampler: a decode step then runs 4 matmuls per layer instead of 18."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and node.lora_a is not None:
+            w = node.kernel[...]
+            delta = node.lora_a[...].astype(jnp.float32) @ node.lora_b[...].astype(jnp.float32)
+            node.kernel[...] = (w.astype(jnp.float32) + node.lora_scale * delta).astype(w.dtype)
 
 
 class KVCache(NamedTuple):
-    """Keys and values, one ``[B, S, kv_heads, head_dim]`` array per layer (a tuple, so that a
-    step updates each in place), and the number of tokens held per sequence ``lengths [B]``."""
+    """Keys and values, one ``[B, kv_heads, S, head_dim]`` array per layer (a tuple, so that a
+    step updates each in place), and the number of tokens held per sequence ``lengths [B]``.
+
+    The ``[B, KV, S, D]`` layout lets attention read the cache as batched ``[S, D]`` matrices
+    without a transpose (measured 1.6x faster per decode step than ``[B, S, KV, D]``)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -91,7 +110,7 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
@@ -101,27 +120,57 @@ class KVCache(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
     dtype = cfg.jnp_dtype if dtype is None else dtype
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    jnp.zeros((batch,), jnp.int32))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. ``q [B, T, H, D]``, ``k, v [B, S, KV, D]``, ``mask [B, T, S]``.
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+           causal_block: int | None = None) -> jax.Array:
+    """Grouped-query self-attention over packed rows (training and log-probs).
 
-    Scores and softmax in float32; a query with no visible key (padding) attends uniformly and
-    its output is ignored downstream.
+    ``q [B, T, H, D]``, ``k, v [B, T, KV, D]``, ``mask [B, T, T]`` (already causal). Scores and
+    softmax in float32; a query with no visible key (padding) attends uniformly and its output
+    is ignored downstream. With ``causal_block`` queries go in blocks of that many rows and each
+    block only scores the keys up to its last row, skipping the upper triangle (about half the
+    work for long rows).
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    # Repeating k/v to all heads gives plain [B, H, T, S] batched matmuls, which XLA:CPU runs
+    # about twice as fast as the grouped [B, KV, G, T, S] form (measured, 8 x 1024 tokens).
+    groups = h // k.shape[2]
+    if groups > 1:
+        k = jnp.repeat(k, groups, axis=2)
+        v = jnp.repeat(v, groups, axis=2)
+    scale = d ** -0.5
+
+    def block(q_blk, k_blk, v_blk, m_blk):
+        scores = jnp.einsum("bthd,bshd->bhts", q_blk, k_blk,
+                            preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(m_blk[:, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_blk.dtype)
+        return jnp.einsum("bhts,bshd->bthd", probs, v_blk)
+
+    if not causal_block or t <= causal_block:
+        return block(q, k, v, mask)
+    outs = []
+    for start in range(0, t, causal_block):
+        end = min(start + causal_block, t)
+        outs.append(block(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
+def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of a few new queries ``q [B, T, H, D]`` over a KV cache ``[B, KV, S, D]``
+    (``mask [B, T, S]``). Grouped form: the cache is read once, never repeated per head."""
+    b, t, h, d = q.shape
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores * (d ** -0.5), NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 
 
 def packed_mask(segment_ids: jax.Array) -> jax.Array:
@@ -165,7 +214,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, use_lora: bool = True):
         q, k, v = self.qkv(x, cos, sin, use_lora)
-        out = attend(q, k, v, mask)
+        out = attend(q, k, v, mask, causal_block=ATTENTION_BLOCK)
         return self.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
 
 
@@ -198,14 +247,15 @@ class DecoderLayer(nnx.Module):
     def extend(self, x, cos, sin, mask, k_cache, v_cache, write_pos, use_lora: bool = True):
         """Like ``__call__`` but attends over the cache after writing this step's keys/values.
 
-        ``k_cache, v_cache [B, S, KV, D]``; ``write_pos [B, T]`` (``S`` = drop, for padding).
+        ``k_cache, v_cache [B, KV, S, D]``; ``write_pos [B, T]`` (``S`` = drop, for padding).
         """
         attn = self.self_attn
         q, k, v = attn.qkv(self.input_layernorm(x), cos, sin, use_lora)
         b_idx = jnp.arange(x.shape[0])[:, None]
-        k_cache = k_cache.at[b_idx, write_pos].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[b_idx, write_pos].set(v.astype(v_cache.dtype), mode="drop")
-        out = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        # [B, T, KV, D] values scattered to [B, :, write_pos, :]
+        k_cache = k_cache.at[b_idx, :, write_pos].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[b_idx, :, write_pos].set(v.astype(v_cache.dtype), mode="drop")
+        out = attend_cache(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
         h = x + attn.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
         return h + self.mlp(self.post_attention_layernorm(h), use_lora), k_cache, v_cache
 

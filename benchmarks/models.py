@@ -1,0 +1,249 @@
+"""Model benchmark on the peers' 25.3M-parameter Qwen2-layout config (``../shared/peers``).
+
+    python benchmarks/models.py                    # ours: train step, decoding, log-prob memory
+    python benchmarks/models.py --peers ../shared/peers --json experiments/models_bench.json
+
+Config: hidden 512, intermediate 1408, 6 layers, 8 heads x 64, 2 kv heads, vocab 8192, untied,
+q/k/v bias, random init, f32 (25,308,160 params); LoRA r=16, alpha=32 on q/k/v/o/gate/up/down.
+
+- train: one LoRA step on 8 x 1024 tokens exactly as the peer: log-probs of the shifted targets,
+  ``-sum(logp * adv * mask) / sum(mask)`` with the mask on targets after a 128-token prompt,
+  backward, AdamW on the LoRA parameters. Median of ``--iters`` after warm-up.
+- decode: batch 32, prompt 128, 128 new tokens, pure sampling at temperature 1, no stop token;
+  ``total`` = prefill + 128 sampled tokens, ``prefill`` = a 1-token run, ``decode`` = the
+  difference (127 steps), as the peer measures.
+- logprob_memory: compiled temporary memory of the chunked log-prob + its gradient over
+  vocab 151,936 x 8,192 tokens (hidden 896) versus the bytes of the full f32 logits.
+
+MFU uses the f32 matmul peak measured by this script (median n^3 GEMM in jax, n in {1024,
+2048}, before and after), and the same FLOP formulas as the peer scripts. With ``--peers`` the
+PyTorch peer scripts run in this process's Python, one at a time, after ours, and the ratios are
+reported side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mtrl_jax.models import CausalLM, LoRAConfig, ModelConfig, init_cache, split_lora
+from mtrl_jax.models.decoding import SamplingParams, generate
+from mtrl_jax.models.logprobs import head_logprobs, token_logprobs
+from mtrl_jax.training.lora_step import make_lora_train_step
+
+PEER_CONFIG = ModelConfig(model_type="qwen2", vocab_size=8192, hidden_size=512,
+                          intermediate_size=1408, num_layers=6, num_heads=8, num_kv_heads=2,
+                          head_dim=64, qkv_bias=True, tie_word_embeddings=False,
+                          rope_theta=1e6, max_position_embeddings=4096)
+PEER_LORA = LoRAConfig(rank=16, alpha=32.0)
+
+
+def matmul_peak(sizes=(1024, 2048), iters=10) -> float:
+    best = 0.0
+    for n in sizes:
+        a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+        f = jax.jit(lambda x, y: x @ y)
+        for _ in range(2):
+            f(a, a).block_until_ready()
+        ts = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            f(a, a).block_until_ready()
+            ts.append(time.perf_counter() - t)
+        best = max(best, 2 * n**3 / statistics.median(ts))
+    return best
+
+
+def bench_train(cfg, lora, batch, seq, prompt_len, warmup, iters, remat, chunk):
+    model = CausalLM(cfg, lora, rngs=nnx.Rngs(0))
+    n_params = cfg.num_params()
+    n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    graphdef, lora_p, base = split_lora(model)
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, seq)), jnp.int32)
+    adv = jnp.asarray(rng.normal(size=(batch,)).astype(np.float32))
+    mask = jnp.zeros((batch, seq)).at[:, prompt_len:].set(1.0)  # targets after the prompt
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    segments = jnp.ones((batch, seq), jnp.int32)
+    data = dict(tokens=tokens, adv=adv, mask=mask, positions=positions, segments=segments)
+
+    def loss_fn(m, d):
+        lp = token_logprobs(m, d["tokens"], d["positions"], d["segments"], chunk_size=chunk,
+                            remat=remat).logprobs
+        return -jnp.sum(lp * d["adv"][:, None] * d["mask"]) / jnp.sum(d["mask"]), {}
+
+    tx = optax.adamw(1e-5, weight_decay=0.0)
+    opt = tx.init(lora_p)
+    step = make_lora_train_step(graphdef, tx, loss_fn)
+    t0 = time.perf_counter()
+    lora_p, opt, loss, _, _ = step(lora_p, opt, base, data)
+    jax.block_until_ready(loss)
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        lora_p, opt, loss, _, _ = step(lora_p, opt, base, data)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        lora_p, opt, loss, _, _ = step(lora_p, opt, base, data)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    tokens_n = batch * seq
+    n_embed = cfg.vocab_size * cfg.hidden_size
+    flops_attn = 12 * cfg.num_layers * cfg.hidden_size * seq * tokens_n
+    flops = 6 * n_params * tokens_n + flops_attn
+    flops_hw = 4 * (n_params - n_embed) * tokens_n + 6 * n_lora * tokens_n + flops_attn
+    return dict(step_s=step_s, step_s_all=[round(t, 3) for t in times],
+                compile_s=round(compile_s, 2), tokens_per_s=tokens_n / step_s,
+                flops=flops, flops_hw=flops_hw, params=n_params, lora_params=n_lora,
+                loss=float(loss))
+
+
+def bench_decode(cfg, lora, batch, prompt_len, new_tokens, warmup, iters):
+    model = CausalLM(cfg, lora, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    prompt = jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+    lens = jnp.full((batch,), prompt_len, jnp.int32)
+    cache_len = prompt_len + new_tokens
+
+    def run(n):
+        params = SamplingParams(temperature=1.0, max_tokens=n)
+        cache = init_cache(cfg, batch, cache_len)
+        t = time.perf_counter()
+        out = generate(model, cache, prompt, lens, jax.random.key(0), params)
+        jax.block_until_ready(out.tokens)
+        dt = time.perf_counter() - t
+        assert int(out.num_tokens.min()) == n
+        return dt
+
+    t0 = time.perf_counter()
+    run(new_tokens)
+    run(1)
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        run(new_tokens)
+        run(1)
+    total = statistics.median([run(new_tokens) for _ in range(iters)])
+    pre = statistics.median([run(1) for _ in range(iters)])
+    decode_s = total - pre
+    n_params = cfg.num_params()
+    n_embed = cfg.vocab_size * cfg.hidden_size
+    n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    n_matmul = n_params - n_embed + n_lora
+    flops = sum(batch * (2 * n_matmul + 4 * cfg.num_layers * cfg.hidden_size * (prompt_len + i))
+                for i in range(1, new_tokens))
+    return dict(total_s=total, prefill_s=pre, decode_s=decode_s, compile_s=round(compile_s, 2),
+                decode_tokens_per_s=batch * (new_tokens - 1) / decode_s,
+                end_to_end_tokens_per_s=batch * new_tokens / total, decode_flops=flops)
+
+
+def bench_logprob_memory(vocab=151_936, tokens=8192, hidden=896, chunk=1024):
+    hid = jax.ShapeDtypeStruct((tokens, hidden), jnp.float32)
+    tgt = jax.ShapeDtypeStruct((tokens,), jnp.int32)
+    w = jax.ShapeDtypeStruct((hidden, vocab), jnp.float32)
+
+    def loss(h, t, w, chunk_size):
+        return jnp.sum(head_logprobs(h, t, w, chunk_size=chunk_size).logprobs)
+
+    out = {}
+    for name, c in (("chunked", chunk), ("unchunked", tokens)):
+        f = jax.jit(jax.value_and_grad(lambda h, t, w, c=c: loss(h, t, w, c), argnums=(0, 2)))
+        mem = f.lower(hid, tgt, w).compile().memory_analysis()
+        out[name] = dict(chunk=c, temp_bytes=mem.temp_size_in_bytes,
+                         argument_bytes=mem.argument_size_in_bytes,
+                         output_bytes=mem.output_size_in_bytes)
+    out["full_logits_f32_bytes"] = tokens * vocab * 4
+    return out
+
+
+def run_peer(script, args):
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", default="train,decode,memory")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--peers", default=None, help="folder of the PyTorch peer scripts")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    rec = dict(jax=jax.__version__, python=platform.python_version(),
+               device=str(jax.devices()[0].device_kind), date=time.strftime("%Y-%m-%d"))
+    peak_before = matmul_peak()
+    if "train" in only:
+        r = bench_train(PEER_CONFIG, PEER_LORA, 8, 1024, 128, args.warmup, args.iters,
+                        args.remat, args.chunk)
+        rec["train"] = r
+        print(f"train  8x1024: {r['step_s']:.2f} s/step, {r['tokens_per_s']:.0f} tokens/s "
+              f"(compile {r['compile_s']} s)", flush=True)
+    if "decode" in only:
+        r = bench_decode(PEER_CONFIG, PEER_LORA, 32, 128, 128, 1, args.iters)
+        rec["decode"] = r
+        print(f"decode b32: {r['decode_tokens_per_s']:.0f} decode tokens/s, "
+              f"{r['end_to_end_tokens_per_s']:.0f} end-to-end (prefill {r['prefill_s']:.2f} s, "
+              f"compile {r['compile_s']} s)", flush=True)
+    if "memory" in only:
+        r = bench_logprob_memory()
+        rec["logprob_memory"] = r
+        print(f"log-probs 8192 x 151936: chunked temp {r['chunked']['temp_bytes'] / 2**20:.0f} MiB"
+              f", unchunked {r['unchunked']['temp_bytes'] / 2**20:.0f} MiB, full logits "
+              f"{r['full_logits_f32_bytes'] / 2**20:.0f} MiB", flush=True)
+    peak = max(peak_before, matmul_peak())
+    rec["matmul_peak_gflops"] = peak / 1e9
+    if "train" in rec:
+        t = rec["train"]
+        t["mfu"] = t["flops"] / t["step_s"] / peak
+        t["mfu_hw_est"] = t["flops_hw"] / t["step_s"] / peak
+        print(f"train MFU {t['mfu']:.3f} (hw est {t['mfu_hw_est']:.3f}), peak {peak / 1e9:.1f} "
+              "GFLOP/s", flush=True)
+    if "decode" in rec:
+        d = rec["decode"]
+        d["decode_mfu"] = d["decode_flops"] / d["decode_s"] / peak
+        print(f"decode MFU {d['decode_mfu']:.3f}", flush=True)
+    if args.peers:
+        env_threads = ["--threads", "2"]
+        if "train" in rec:
+            peer = run_peer(os.path.join(args.peers, "torch_train_step.py"), env_threads)
+            rec["peer_train"] = peer
+            ratio = rec["train"]["tokens_per_s"] / peer["tokens_per_s"]
+            rec["train"]["ratio_vs_peer"] = ratio
+            print(f"peer train: {peer['tokens_per_s']} tokens/s (MFU {peer['mfu']}); ours/peer "
+                  f"= {ratio:.2f}x", flush=True)
+        if "decode" in rec:
+            peer = run_peer(os.path.join(args.peers, "torch_generate.py"), env_threads)
+            rec["peer_decode"] = peer
+            ratio = rec["decode"]["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
+            rec["decode"]["ratio_vs_peer"] = ratio
+            rec["decode"]["end_to_end_ratio_vs_peer"] = (
+                rec["decode"]["end_to_end_tokens_per_s"] / peer["new_tokens_per_s_end_to_end"])
+            print(f"peer decode: {peer['decode_tokens_per_s']} decode tokens/s, "
+                  f"{peer['new_tokens_per_s_end_to_end']} end-to-end; ours/peer = {ratio:.2f}x "
+                  f"decode, {rec['decode']['end_to_end_ratio_vs_peer']:.2f}x end-to-end",
+                  flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rec, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
