@@ -37,6 +37,7 @@ from mtrl_jax.kernels import (
     compute_advantages,
     policy_loss,
 )
+from mtrl_jax.runtime import reexec_with_fast_malloc
 
 
 def make_packed_batch(rows: int, length: int, seed: int = 0) -> PolicyLossInputs:
@@ -131,6 +132,7 @@ def bench_advantages(num_groups, group_size, repeats):
 
 
 def main(argv=None) -> int:
+    reexec_with_fast_malloc()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default="32x4096,8x16384", help="comma list of ROWSxLEN")
     p.add_argument("--losses", default=",".join(POLICY_LOSSES.names()))

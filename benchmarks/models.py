@@ -41,6 +41,7 @@ from flax import nnx
 from mtrl_jax.models import CausalLM, LoRAConfig, ModelConfig, init_cache, split_lora
 from mtrl_jax.models.decoding import SamplingParams, generate
 from mtrl_jax.models.logprobs import head_logprobs, token_logprobs
+from mtrl_jax.runtime import reexec_with_fast_malloc
 from mtrl_jax.training.lora_step import make_lora_train_step
 
 PEER_CONFIG = ModelConfig(model_type="qwen2", vocab_size=8192, hidden_size=512,
@@ -176,6 +177,7 @@ def run_peer(script, args):
 
 
 def main(argv=None) -> int:
+    reexec_with_fast_malloc()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", default="train,decode,memory")
     p.add_argument("--iters", type=int, default=5)

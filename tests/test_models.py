@@ -325,3 +325,31 @@ def test_config_validation():
     assert CausalLM(cfg, rngs=nnx.Rngs(0)) is not None
     n = sum(x.size for x in jax.tree.leaves(nnx.state(CausalLM(cfg, rngs=nnx.Rngs(0)))))
     assert n == cfg.num_params()
+
+
+def test_bfloat16_params_and_compute_track_float32(tmp_path):
+    model = perturbed_model(LAYOUTS["qwen3"], LORA)
+    save_model(model, tmp_path)
+    bf16 = load_model(tmp_path, lora=LORA, dtype="bfloat16", param_dtype="bfloat16")
+    assert bf16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    assert bf16.layers[0].mlp.up_proj.lora_a[...].dtype == jnp.float32  # adapters stay f32
+    tokens = jnp.asarray(np.random.default_rng(10).integers(0, 101, (2, 12)))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    seg = jnp.ones((2, 12), jnp.int32)
+    lp32 = token_logprobs(load_model(tmp_path, lora=LORA), tokens, pos, seg).logprobs
+    lp16 = token_logprobs(bf16, tokens, pos, seg).logprobs
+    assert lp16.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(lp16 - lp32))) < 0.1
+    assert float(jnp.max(jnp.abs(lp16 - lp32))) > 0.0
+
+
+def test_lora_targets_subset():
+    cfg = LAYOUTS["llama"]
+    model = CausalLM(cfg, LoRAConfig(rank=2, alpha=4.0, targets=("q", "v")), rngs=nnx.Rngs(0))
+    layer = model.layers[0]
+    assert layer.self_attn.q_proj.lora_a is not None and layer.self_attn.v_proj.lora_a is not None
+    assert layer.self_attn.k_proj.lora_a is None and layer.mlp.up_proj.lora_a is None
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    h, d, r = cfg.hidden_size, cfg.head_dim, 2
+    per_layer = (h * r + r * cfg.num_heads * d) + (h * r + r * cfg.num_kv_heads * d)
+    assert n == cfg.num_layers * per_layer

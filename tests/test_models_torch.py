@@ -91,9 +91,10 @@ def test_loads_what_transformers_writes_sharded(tmp_path):
     assert np.abs(np.asarray(ours(tokens)) - theirs).max() < TOL
 
 
-@pytest.mark.parametrize("layout", ["llama", "qwen2"])
-def test_peft_adapter_and_merged_checkpoint_reproduce_our_logits(tmp_path, layout):
-    model = perturbed_model(LAYOUTS[layout], LORA)
+@pytest.mark.parametrize("layout,targets", [("llama", LORA.targets), ("qwen2", LORA.targets),
+                                            ("qwen3", ("q", "v", "down"))])
+def test_peft_adapter_and_merged_checkpoint_reproduce_our_logits(tmp_path, layout, targets):
+    model = perturbed_model(LAYOUTS[layout], LoRAConfig(rank=4, alpha=8.0, targets=targets))
     tokens = tokens_for(model.cfg, 20)
     ours = np.asarray(model(tokens))
     assert np.abs(ours - np.asarray(model(tokens, use_lora=False))).max() > 1e-2

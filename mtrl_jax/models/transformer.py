@@ -136,7 +136,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     block only scores the keys up to its last row, skipping the upper triangle (about half the
     work for long rows).
     """
-    b, t, h, d = q.shape
+    t, h, d = q.shape[1:]
     # Repeating k/v to all heads gives plain [B, H, T, S] batched matmuls, which XLA:CPU runs
     # about twice as fast as the grouped [B, KV, G, T, S] form (measured, 8 x 1024 tokens).
     groups = h // k.shape[2]
@@ -166,6 +166,15 @@ def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
     (``mask [B, T, S]``). Grouped form: the cache is read once, never repeated per head."""
     b, t, h, d = q.shape
     kv = k.shape[1]
+    if t == 1:
+        # One query per row (a decode step): multiply-and-reduce reads the cache once as a
+        # stream; XLA:CPU runs it ~1.7x faster than 2 * B * KV tiny [G, D] x [D, S] matmuls.
+        q1 = q.reshape(b, kv, h // kv, 1, d).astype(jnp.float32)
+        scores = jnp.sum(q1 * k[:, :, None, :, :].astype(jnp.float32), axis=-1)  # [B,KV,G,S]
+        scores = jnp.where(mask[:, :, None, :], scores * (d ** -0.5), NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.sum(probs[..., None] * v[:, :, None, :, :].astype(jnp.float32), axis=-2)
+        return out.astype(q.dtype).reshape(b, 1, h, d)
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores * (d ** -0.5), NEG_INF)
