@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--remat", action="store_true")
-    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--chunk", type=int, default=None,
+                   help="log-prob chunk (default: automatic, see mtrl_jax.models.logprobs)")
     p.add_argument("--peers", default=None, help="folder of the PyTorch peer scripts")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 
 from mtrl_jax.models.config import ModelConfig
 from mtrl_jax.models.lora import LoRAConfig
-from mtrl_jax.models.transformer import CausalLM
+from mtrl_jax.models.transformer import CausalLM, fold_lora
 
 # HF keeps these non-parameter buffers in some checkpoints; they carry no weights we need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -281,14 +281,10 @@ def export_peft_adapter(model: CausalLM, out_dir: str | os.PathLike, *,
 
 def merge_lora(model: CausalLM) -> CausalLM:
     """A copy of ``model`` with ``W + (alpha/r) A B`` folded into each kernel and LoRA removed."""
-    abstract = nnx.eval_shape(lambda: CausalLM(model.cfg, None, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    _, _, base = nnx.split(model, nnx.LoRAParam, ...)
+    folded = nnx.clone(model)
+    fold_lora(folded)
+    _, _, base = nnx.split(folded, nnx.LoRAParam, ...)
+    plain = nnx.eval_shape(lambda: CausalLM(model.cfg, None, rngs=nnx.Rngs(0)))
+    graphdef, abstract = nnx.split(plain)
     values = {tuple(p): leaf.get_value() for p, leaf in nnx.to_flat_state(base)}
-    scale = model.lora_config.scale
-    for path, lin in lora_pairs(model):
-        kpath = (*path, "kernel")
-        w = values[kpath]
-        delta = lin.lora_a[...].astype(jnp.float32) @ lin.lora_b[...].astype(jnp.float32)
-        values[kpath] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
-    return nnx.merge(graphdef, _state_from_flat(state, values))
+    return nnx.merge(graphdef, _state_from_flat(abstract, values))
