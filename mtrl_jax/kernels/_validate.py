@@ -38,19 +38,18 @@ def check_same_shape(where: str, ref_name: str, ref, **others) -> None:
             )
 
 
-def check_floating(where: str, **arrays) -> None:
+def _check_kind(where: str, kind, label: str, arrays: dict) -> None:
     for name, x in arrays.items():
         if x is None:
             continue
-        dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"{where}: {name!r} must be floating point, got dtype {dtype}")
+        dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+        if not jnp.issubdtype(dtype, kind):
+            raise ValueError(f"{where}: {name!r} must be {label}, got dtype {dtype}")
+
+
+def check_floating(where: str, **arrays) -> None:
+    _check_kind(where, jnp.floating, "floating point", arrays)
 
 
 def check_integer(where: str, **arrays) -> None:
-    for name, x in arrays.items():
-        if x is None:
-            continue
-        dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
-        if not jnp.issubdtype(dtype, jnp.integer):
-            raise ValueError(f"{where}: {name!r} must be an integer array, got dtype {dtype}")
+    _check_kind(where, jnp.integer, "an integer array", arrays)

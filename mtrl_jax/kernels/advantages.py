@@ -153,6 +153,16 @@ def _shift_to_min(x: Array, valid: Array, axis: int) -> Array:
     return jnp.where(valid, x - lo, 0.0)
 
 
+def _group_relative(x: Array, valid: Array, normalize: bool, ddof: int, eps: float) -> Array:
+    """``(x - mean_g) [/ (std_g + eps)]`` over axis 1 (the group), 0 where not valid."""
+    x = _shift_to_min(x, valid, axis=1)
+    mean, std, _ = _masked_moments(x, valid, axis=1, ddof=ddof)
+    adv = x - mean
+    if normalize:
+        adv = adv / (std + eps)
+    return jnp.where(valid, adv, 0.0)
+
+
 def _masked_moments(x: Array, valid: Array, axis: int, ddof: int) -> tuple[Array, Array, Array]:
     """Mean, std and count of ``x`` over ``axis`` restricted to ``valid`` (keepdims)."""
     m = valid.astype(jnp.float32)
@@ -189,12 +199,7 @@ def group_based_advantages(
       ``[G, n] f32``; 0 for invalid samples and for groups whose rewards are all equal.
     """
     rewards, valid = _prepare("group_based", rewards, valid, 2)
-    rewards = _shift_to_min(rewards, valid, axis=1)
-    mean, std, _ = _masked_moments(rewards, valid, axis=1, ddof=params.std_ddof)
-    adv = rewards - mean
-    if params.normalize_by_std:
-        adv = adv / (std + params.eps)
-    return jnp.where(valid, adv, 0.0)
+    return _group_relative(rewards, valid, params.normalize_by_std, params.std_ddof, params.eps)
 
 
 def rloo_advantages(
@@ -352,12 +357,7 @@ def per_turn_advantages(
     discount = np.where(expo >= 0, float(params.gamma) ** np.maximum(expo, 0), 0.0)
     to_go = jnp.einsum("gnt,ts->gns", r, jnp.asarray(discount, jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
-    to_go = _shift_to_min(to_go, valid, axis=1)
-    mean, std, _ = _masked_moments(to_go, valid, axis=1, ddof=params.std_ddof)
-    adv = to_go - mean
-    if params.normalize_by_std:
-        adv = adv / (std + params.eps)
-    return jnp.where(valid, adv, 0.0)
+    return _group_relative(to_go, valid, params.normalize_by_std, params.std_ddof, params.eps)
 
 
 def reinforce_pp_baseline_advantages(
