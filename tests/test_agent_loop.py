@@ -55,7 +55,8 @@ def make_env(reward=lambda ep: ep.update_reward(1.0 if ep.final_text == "5" else
 TASK = Task(id="t0", family="test", name="add", prompt="What is 2+3?", system="Use tools.")
 
 
-def run(script, config=AgentLoopConfig(), env=None, task=TASK):
+def run(script, config=None, env=None, task=TASK):
+    config = config or AgentLoopConfig()
     sampler = ScriptedSampler(TOK, lambda eid, turn, toks: script[turn], IM_END, logprob=-0.25)
     loop = AgentLoop(TOK, sampler, config)
     return asyncio.run(loop.run(env or make_env(), task, episode_id="e0")), sampler
@@ -67,7 +68,8 @@ def test_literal_token_list_and_masks():
     assert len(traj.samples) == 1 and traj.template_rewrites == 0
     s = traj.samples[0]
     tools = [add.openai_schema(), slow.openai_schema(), boom.openai_schema()]
-    msgs = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "What is 2+3?"}]
+    msgs = [{"role": "system", "content": "Use tools."},
+            {"role": "user", "content": "What is 2+3?"}]
     prompt = TOK.encode(TOK.apply_chat_template(msgs, tools=tools, tokenize=False,
                                                 add_generation_prompt=True),
                         add_special_tokens=False)
