@@ -1,0 +1,318 @@
+"""Verifiable execution: a safe arithmetic evaluator, a locked-down in-memory SQLite database,
+and Python code run in a resource-limited subprocess.
+
+These back environments whose outcome is checked by execution rather than judged: the agent's
+arithmetic, SQL or code is run and its result compared with the task's.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import os
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from typing import Any
+
+# ---------------------------------------------------------------------------------- safe math
+
+
+class MathError(ValueError):
+    """An expression outside the whitelist, or a result too large to compute."""
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+           ast.Pow: operator.pow}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCS = {"abs": abs, "round": round, "min": min, "max": max, "sqrt": math.sqrt,
+          "floor": math.floor, "ceil": math.ceil, "log": math.log, "exp": math.exp}
+_CONSTS = {"pi": math.pi, "e": math.e}
+
+
+def safe_eval(expression: str, *, max_abs: float = 1e100, max_exponent: int = 1000,
+              max_length: int = 500) -> int | float:
+    """Evaluate an arithmetic expression by walking its AST (never ``eval``).
+
+    Allowed: int/float literals, ``+ - * / // % **``, unary ``+ -``, parentheses, the functions
+    ``abs round min max sqrt floor ceil log exp`` and the constants ``pi e``. Exponents above
+    ``max_exponent`` and intermediate values above ``max_abs`` are refused, so ``9**9**9`` is an
+    error, not a hang.
+    """
+    if not isinstance(expression, str):
+        raise MathError(f"expression must be a string, got {type(expression).__name__}")
+    if len(expression) > max_length:
+        raise MathError(f"expression longer than {max_length} characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError as e:
+        raise MathError(f"not an arithmetic expression: {e.msg}") from None
+
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise MathError(f"unsupported value {v!r}")
+        if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) or abs(v) > max_abs:
+            raise MathError("result out of range")
+        return v
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return check(node.value)
+        if isinstance(node, ast.Name) and node.id in _CONSTS:
+            return _CONSTS[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and (abs(right) > max_exponent or
+                                                 abs(left) > 1 and abs(right) *
+                                                 math.log10(abs(left)) > math.log10(max_abs)):
+                raise MathError("exponent too large")
+            try:
+                return check(_BINOPS[type(node.op)](left, right))
+            except (ZeroDivisionError, OverflowError) as e:
+                raise MathError(f"{type(e).__name__}: {e}") from None
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            return check(_UNARY[type(node.op)](ev(node.operand)))
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in _FUNCS and not node.keywords and len(node.args) <= 8):
+            try:
+                return check(_FUNCS[node.func.id](*[ev(a) for a in node.args]))
+            except (ValueError, TypeError, OverflowError) as e:
+                raise MathError(f"{node.func.id}: {e}") from None
+        raise MathError(f"not allowed in an arithmetic expression: {type(node).__name__}"
+                        + (f" {node.id!r}" if isinstance(node, ast.Name) else ""))
+
+    return ev(tree)
+
+
+# ---------------------------------------------------------------------------------- SQLite
+
+_SQLITE_DENY_ALWAYS = {sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA}
+_SQLITE_READ_ONLY_OK = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+                        sqlite3.SQLITE_RECURSIVE}
+
+
+class SQLiteSandbox:
+    """An in-memory SQLite database for one rollout.
+
+    ``setup_sql`` (trusted) creates and fills it; then an authorizer is installed that forbids
+    ``ATTACH``/``DETACH`` (no other database files), every ``PRAGMA``, extension loading and --
+    with ``read_only=True`` -- anything but reading. A progress handler aborts a query after
+    ``timeout_s``; results are capped at ``max_rows``.
+    """
+
+    def __init__(self, setup_sql: str = "", *, read_only: bool = True, timeout_s: float = 2.0,
+                 max_rows: int = 200):
+        self.conn = sqlite3.connect(":memory:", check_same_thread=False)
+        if hasattr(self.conn, "enable_load_extension"):  # absent when built without it
+            self.conn.enable_load_extension(False)
+        if setup_sql:
+            self.conn.executescript(setup_sql)
+            self.conn.commit()
+        self.read_only = read_only
+        self.timeout_s = timeout_s
+        self.max_rows = max_rows
+        self.conn.set_authorizer(self._authorize)
+        self._deadline = 0.0
+        self.conn.set_progress_handler(self._progress, 1000)
+
+    def _authorize(self, action, arg1, arg2, db_name, trigger):
+        if action in _SQLITE_DENY_ALWAYS:
+            return sqlite3.SQLITE_DENY
+        if self.read_only and action not in _SQLITE_READ_ONLY_OK:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    def _progress(self) -> int:
+        return 1 if time.monotonic() > self._deadline else 0
+
+    def query(self, sql: str) -> dict[str, Any]:
+        """Run one statement; returns ``{"columns", "rows", "truncated"}`` or raises
+        ``sqlite3.Error`` with SQLite's message (``not authorized``, ``interrupted``, ...)."""
+        self._deadline = time.monotonic() + self.timeout_s
+        cur = self.conn.execute(sql)
+        rows = cur.fetchmany(self.max_rows + 1)
+        cols = [d[0] for d in cur.description or []]
+        return {"columns": cols, "rows": [list(r) for r in rows[:self.max_rows]],
+                "truncated": len(rows) > self.max_rows}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ---------------------------------------------------------------------------------- Python
+
+# Runs inside the child before the user's code: an audit hook that refuses network, process
+# creation, native code loading, and file access outside the sandbox folder (reads of the
+# Python installation itself stay allowed, so imports work).
+_PRELUDE = r'''
+import os as _os, sys as _sys
+_ROOT = _os.path.realpath(_os.getcwd())
+_PY = tuple({_os.path.realpath(p) for p in (_sys.prefix, _sys.base_prefix, _sys.exec_prefix)})
+_DENY_EVENTS = ("socket.", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec",
+                "os.system", "subprocess.", "os.kill", "os.killpg", "ctypes.", "os.putenv",
+                "os.unsetenv", "pty.", "resource.setrlimit", "sys.remote_exec", "mmap.")
+_DENY_MODULES = {"ctypes", "_ctypes", "cffi", "socket", "_socket", "multiprocessing",
+                 "subprocess", "_posixsubprocess"}
+def _inside(path, roots):
+    p = _os.path.realpath(path)
+    return any(p == r or p.startswith(r + _os.sep) for r in roots)
+def _hook(event, args):
+    if event.startswith(_DENY_EVENTS):
+        raise PermissionError(f"sandbox: {event} is not allowed")
+    if event == "import" and args and str(args[0]).split(".")[0] in _DENY_MODULES:
+        raise PermissionError(f"sandbox: import of {args[0]} is not allowed")
+    if event == "open" and args and isinstance(args[0], (str, bytes)):
+        path = _os.fsdecode(args[0])
+        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else "r"
+        writing = any(c in mode for c in "wax+")
+        if not _inside(path, (_ROOT,)) and (writing or not _inside(path, _PY)):
+            raise PermissionError(f"sandbox: access to {path!r} is not allowed")
+    if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.symlink",
+                 "os.link", "os.truncate", "os.chdir", "os.listdir", "os.scandir"):
+        path = args[0] if args else ""
+        roots = (_ROOT,) + (_PY if event in ("os.listdir", "os.scandir") else ())
+        if isinstance(path, (str, bytes)) and not _inside(_os.fsdecode(path), roots):
+            raise PermissionError(f"sandbox: {event} on {path!r} is not allowed")
+_sys.addaudithook(_hook)
+del _hook
+'''
+
+
+@dataclass(frozen=True)
+class PythonLimits:
+    """Resource limits of a sandboxed run."""
+
+    wall_s: float = 5.0
+    cpu_s: int = 3
+    memory_mb: int = 512
+    file_mb: int = 8
+    max_open_files: int = 64
+    max_processes: int = 1
+
+
+@dataclass(frozen=True)
+class PythonResult:
+    stdout: str
+    stderr: str
+    returncode: int | None
+    timed_out: bool
+    stopped_by: str | None  # "wall_timeout", "cpu_limit", "memory_limit", "file_limit",
+    # "sandbox_violation", "signal N", or None for a normal exit
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def report(self) -> str:
+        """What the model reads back."""
+        if self.ok:
+            return self.stdout[-4000:] or "(no output)"
+        why = self.stopped_by or f"exit code {self.returncode}"
+        tail = (self.stderr or self.stdout)[-1500:]
+        return f"Execution stopped ({why}).\n{tail}".strip()
+
+
+def _network_isolation_available() -> bool:
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return False
+    try:
+        return subprocess.run([unshare, "-n", "true"], capture_output=True, timeout=5
+                              ).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+_NET_ISOLATION: bool | None = None
+
+
+def run_python(code: str, *, limits: PythonLimits = PythonLimits(),
+               workdir: str | None = None, stdin: str = "") -> PythonResult:
+    """Run ``code`` in a fresh ``python -I`` subprocess with limits and no network.
+
+    - CPU seconds, address space, file size, open files and (for non-root users) process count
+      via ``setrlimit``; a wall-clock timeout kills the whole process group.
+    - No network: a new network namespace (``unshare -n``) where available, and in any case an
+      audit hook that refuses sockets, process creation, ``ctypes`` and file access outside
+      ``workdir`` (a fresh temporary folder by default, removed afterwards).
+    """
+    global _NET_ISOLATION
+    if _NET_ISOLATION is None:
+        _NET_ISOLATION = _network_isolation_available()
+    own_dir = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="mtrl_py_")
+    script = os.path.join(workdir, "main.py")
+    with open(script, "w") as f:
+        f.write(textwrap.dedent(code))
+    runner = _PRELUDE + "\nimport runpy as _r\n_r.run_path('main.py', run_name='__main__')\n"
+
+    def limit():
+        mb = 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files,) * 2)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if os.geteuid() != 0:  # root ignores RLIMIT_NPROC; the audit hook covers it
+            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes,) * 2)
+
+    cmd = [sys.executable, "-I", "-S", "-c", runner]
+    if _NET_ISOLATION:
+        cmd = [shutil.which("unshare"), "-n", *cmd]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
+    try:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=limit, start_new_session=True)
+        timed_out = False
+        try:
+            out, err = proc.communicate(stdin.encode(), timeout=limits.wall_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            out, err = proc.communicate()
+        finally:
+            _kill_group(proc)  # anything the program left behind
+        stdout = out.decode("utf-8", "replace")[-20000:]
+        stderr = err.decode("utf-8", "replace")[-20000:]
+        return PythonResult(stdout, stderr, proc.returncode, timed_out,
+                            _why(proc.returncode, timed_out, stderr))
+    finally:
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _why(returncode: int | None, timed_out: bool, stderr: str) -> str | None:
+    if timed_out:
+        return "wall_timeout"
+    if returncode is None or returncode == 0:
+        return None
+    if returncode < 0:
+        sig = -returncode
+        return {signal.SIGXCPU: "cpu_limit", signal.SIGKILL: "cpu_limit_or_killed",
+                signal.SIGXFSZ: "file_limit"}.get(sig, f"signal {sig}")
+    if "PermissionError: sandbox:" in stderr:
+        return "sandbox_violation"
+    if "MemoryError" in stderr:
+        return "memory_limit"
+    if "File too large" in stderr or "EFBIG" in stderr:
+        return "file_limit"
+    return None
