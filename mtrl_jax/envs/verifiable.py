@@ -60,7 +60,7 @@ def safe_eval(expression: str, *, max_abs: float = 1e100, max_exponent: int = 10
     def check(v):
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise MathError(f"unsupported value {v!r}")
-        if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) or abs(v) > max_abs:
+        if (isinstance(v, float) and (math.isnan(v) or math.isinf(v))) or abs(v) > max_abs:
             raise MathError("result out of range")
         return v
 
@@ -74,8 +74,8 @@ def safe_eval(expression: str, *, max_abs: float = 1e100, max_exponent: int = 10
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             left, right = ev(node.left), ev(node.right)
             if isinstance(node.op, ast.Pow) and (abs(right) > max_exponent or
-                                                 abs(left) > 1 and abs(right) *
-                                                 math.log10(abs(left)) > math.log10(max_abs)):
+                                                 (abs(left) > 1 and abs(right) *
+                                                 math.log10(abs(left)) > math.log10(max_abs))):
                 raise MathError("exponent too large")
             try:
                 return check(_BINOPS[type(node.op)](left, right))
