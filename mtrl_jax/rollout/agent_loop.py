@@ -179,7 +179,7 @@ class AgentLoop:
             finish, error = "error", traceback.format_exc(limit=8)
         finally:
             try:
-                await env.teardown()
+                await _uncancellable(env.teardown())
             except Exception:
                 error = (error or "") + "teardown failed:\n" + traceback.format_exc(limit=4)
                 finish = "error"
@@ -265,6 +265,24 @@ class AgentLoop:
                                       group_id=task.id)
 
         return list(await asyncio.gather(*(one(t, k) for t in tasks for k in range(group_size))))
+
+
+async def _uncancellable(coro) -> None:
+    """Await ``coro`` to completion even if the caller is cancelled meanwhile (teardown must
+    finish); a cancellation that arrived is re-raised afterwards."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()
 
 
 def _common_prefix(a: str, b: str) -> int:
