@@ -1,0 +1,200 @@
+"""Synthetic SOP domains: our own training data, in the SOP-Bench on-disk format.
+
+Seeded and of any size, with train/val/test splits written as ``{split}_set_with_outputs.csv``
+beside ``sop.txt``, ``toolspecs.json``, ``metadata.json`` and ``tool_map.json``, so the same
+loader and replayed tools (:mod:`mtrl_jax.envs.sop`) serve them and SOP-Bench.
+
+Domains:
+
+- ``aircraft_inspection`` -- six output fields. Five checks read tool outputs and apply a rule
+  (a weight within 1 kg of its expected value, a battery ``operational``/``nominal``, serial
+  numbers equal, pressure at or above the minimum, no open defects and service within 180 days);
+  the sixth (``ready``) combines them. Borderline cases (a 1 kg vs a 2 kg difference, pressure
+  equal to the minimum) are frequent, so copying a tool value never suffices.
+- ``loan_triage`` -- the answer is computed from tool outputs: a debt-to-income band and a
+  decision from thresholds on that ratio, the credit score and recent defaults.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections.abc import Callable
+
+DOMAINS = ("aircraft_inspection", "loan_triage")
+
+
+def _spec(name: str, description: str, arg: str, arg_desc: str) -> dict:
+    return {"toolSpec": {"name": name, "description": description, "inputSchema": {"json": {
+        "type": "object", "properties": {arg: {"type": "string", "description": arg_desc}},
+        "required": [arg]}}}}
+
+
+# ----------------------------------------------------------------------- aircraft inspection
+
+AIRCRAFT_SOP = """\
+Aircraft pre-flight inspection procedure.
+
+You inspect one aircraft, identified by its aircraft_id. Use the tools to read each system,
+then record one result per check:
+
+1. mechanical: call inspect_mechanical. "pass" if the component weight differs from the
+   expected weight by at most 1 kg, otherwise "fail".
+2. electrical: call inspect_electrical. "pass" if the battery status is "operational" or
+   "nominal", otherwise "fail".
+3. serial: call verify_serial. "match" if the installed serial equals the logged serial
+   exactly, otherwise "mismatch".
+4. hydraulics: call check_hydraulics. "pass" if the pressure is at or above the minimum,
+   otherwise "fail".
+5. maintenance: call review_maintenance_log. "pass" if there are no open defects and the last
+   service was at most 180 days ago, otherwise "fail".
+6. ready: "yes" only if mechanical, electrical, hydraulics and maintenance are "pass" and
+   serial is "match"; otherwise "no".
+"""
+
+
+def _aircraft_row(rng: random.Random, i: int) -> dict[str, str]:
+    aid = f"AC-{rng.randint(1000, 9999)}-{i}"
+    expected_w = rng.randint(40, 120)
+    diff = rng.choice([0, 0, 1, -1, 1, 2, -2, 3, -5])
+    battery = rng.choice(["operational", "operational", "nominal", "degraded", "failed"])
+    logged = f"{rng.choice('ABCDEFGH')}{rng.randint(1, 9)}{rng.randint(0, 9)}"
+    installed = logged if rng.random() < 0.7 else \
+        f"{logged[0]}{logged[1]}{(int(logged[2]) + rng.randint(1, 8)) % 10}"
+    minimum = rng.choice([2800, 2900, 3000])
+    pressure = minimum + rng.choice([0, 50, 120, 200, -10, -60])
+    defects = rng.choice([0, 0, 0, 1, 2])
+    service_days = rng.choice([30, 90, 150, 180, 181, 240])
+    mech = "pass" if abs(diff) <= 1 else "fail"
+    elec = "pass" if battery in ("operational", "nominal") else "fail"
+    ser = "match" if installed == logged else "mismatch"
+    hyd = "pass" if pressure >= minimum else "fail"
+    maint = "pass" if defects == 0 and service_days <= 180 else "fail"
+    ready = "yes" if (mech, elec, ser, hyd, maint) == ("pass", "pass", "match", "pass",
+                                                          "pass") else "no"
+    return {"aircraft_id": aid, "component_weight_kg": str(expected_w + diff),
+            "expected_weight_kg": str(expected_w), "battery_status": battery,
+            "installed_serial": installed, "logged_serial": logged,
+            "pressure_psi": str(pressure), "minimum_psi": str(minimum),
+            "open_defects": str(defects), "last_service_days": str(service_days),
+            "mechanical": mech, "electrical": elec, "serial": ser, "hydraulics": hyd,
+            "maintenance": maint, "ready": ready}
+
+
+AIRCRAFT = dict(
+    sop=AIRCRAFT_SOP,
+    key="aircraft_id",
+    inputs=["aircraft_id"],
+    outputs=["mechanical", "electrical", "serial", "hydraulics", "maintenance", "ready"],
+    tools=[
+        ("inspect_mechanical", "Weighs the inspected component and reads its expected weight.",
+         [("component_weight_kg", "int"), ("expected_weight_kg", "int")]),
+        ("inspect_electrical", "Reads the battery status.", [("battery_status", "str")]),
+        ("verify_serial", "Reads the installed and the logged serial numbers.",
+         [("installed_serial", "str"), ("logged_serial", "str")]),
+        ("check_hydraulics", "Reads the hydraulic pressure and its minimum.",
+         [("pressure_psi", "int"), ("minimum_psi", "int")]),
+        ("review_maintenance_log", "Reads open defects and days since the last service.",
+         [("open_defects", "int"), ("last_service_days", "int")]),
+    ],
+    row=_aircraft_row,
+    not_found="Aircraft {key} not found",
+)
+
+# ----------------------------------------------------------------------- loan triage
+
+LOAN_SOP = """\
+Consumer loan triage procedure.
+
+For one applicant (applicant_id), read the monthly income (get_income), the monthly debt
+payments (get_debts) and the credit report (get_credit_report). Compute the debt-to-income
+ratio DTI = monthly_debt_payments / monthly_income.
+
+1. dti_band: "low" if DTI < 0.20, "medium" if 0.20 <= DTI < 0.40, otherwise "high".
+2. decision:
+   - "approve" if DTI < 0.40, the credit score is at least 650 and there are no recent
+     defaults;
+   - otherwise "review" if DTI < 0.50 and the credit score is at least 600;
+   - otherwise "decline".
+"""
+
+
+def _loan_row(rng: random.Random, i: int) -> dict[str, str]:
+    income = rng.randrange(2000, 12000, 50)
+    dti_target = rng.choice([0.05, 0.15, 0.19, 0.2, 0.25, 0.35, 0.39, 0.4, 0.45, 0.49, 0.5, 0.7])
+    debts = int(round(income * dti_target))
+    score = rng.choice([540, 590, 600, 620, 649, 650, 700, 780])
+    defaults = rng.choice([0, 0, 0, 1, 2])
+    dti = debts / income
+    band = "low" if dti < 0.20 else "medium" if dti < 0.40 else "high"
+    if dti < 0.40 and score >= 650 and defaults == 0:
+        decision = "approve"
+    elif dti < 0.50 and score >= 600:
+        decision = "review"
+    else:
+        decision = "decline"
+    return {"applicant_id": f"APP-{rng.randint(10000, 99999)}-{i}",
+            "monthly_income": str(income), "monthly_debt_payments": str(debts),
+            "credit_score": str(score), "recent_defaults": str(defaults),
+            "dti_band": band, "decision": decision}
+
+
+LOAN = dict(
+    sop=LOAN_SOP,
+    key="applicant_id",
+    inputs=["applicant_id"],
+    outputs=["dti_band", "decision"],
+    tools=[
+        ("get_income", "Reads the applicant's monthly income.", [("monthly_income", "int")]),
+        ("get_debts", "Reads the applicant's monthly debt payments.",
+         [("monthly_debt_payments", "int")]),
+        ("get_credit_report", "Reads the credit score and the number of recent defaults.",
+         [("credit_score", "int"), ("recent_defaults", "int")]),
+    ],
+    row=_loan_row,
+    not_found="Applicant {key} not found",
+)
+
+_DEFS: dict[str, dict] = {"aircraft_inspection": AIRCRAFT, "loan_triage": LOAN}
+
+
+def generate_domain(name: str, out_dir: str | os.PathLike, *, sizes: dict[str, int] | None = None,
+                    seed: int = 0) -> str:
+    """Write domain ``name`` to ``out_dir`` (created); returns the folder path.
+
+    ``sizes``: rows per split (default train 2000, val 200, test 200). Splits are drawn from
+    disjoint random streams of the same seed, so growing one split never changes another.
+    """
+    if name not in _DEFS:
+        raise KeyError(f"unknown synthetic SOP domain {name!r}; available: {list(_DEFS)}")
+    d = _DEFS[name]
+    sizes = sizes or {"train": 2000, "val": 200, "test": 200}
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sop.txt"), "w") as f:
+        f.write(d["sop"])
+    specs = [_spec(t, desc, d["key"], f"identifier of the case ({d['key']})")
+             for t, desc, _ in d["tools"]]
+    with open(os.path.join(out, "toolspecs.json"), "w") as f:
+        json.dump(specs, f, indent=2)
+    with open(os.path.join(out, "metadata.json"), "w") as f:
+        json.dump({"name": name, "input_columns": d["inputs"], "output_columns": d["outputs"]},
+                  f, indent=2)
+    tool_map = {"key_column": d["key"], "tools": {
+        t: {"key_argument": d["key"], "returns": [[c, c, k] for c, k in cols],
+            "not_found": d["not_found"]} for t, _, cols in d["tools"]}}
+    with open(os.path.join(out, "tool_map.json"), "w") as f:
+        json.dump(tool_map, f, indent=2)
+    make_row: Callable[[random.Random, int], dict[str, str]] = d["row"]
+    for split_no, (split, n) in enumerate(sorted(sizes.items())):
+        rng = random.Random(f"{name}:{seed}:{split}:{split_no}")
+        rows = [make_row(rng, i) for i in range(n)]
+        for r in rows:  # keys unique across splits: tools answer for any split's key
+            r[d["key"]] = f"{r[d['key']]}-{split}"
+        with open(os.path.join(out, f"{split}_set_with_outputs.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+            w.writeheader()
+            w.writerows(rows)
+    return out
