@@ -124,7 +124,7 @@ ratio DTI = monthly_debt_payments / monthly_income.
 def _loan_row(rng: random.Random, i: int) -> dict[str, str]:
     income = rng.randrange(2000, 12000, 50)
     dti_target = rng.choice([0.05, 0.15, 0.19, 0.2, 0.25, 0.35, 0.39, 0.4, 0.45, 0.49, 0.5, 0.7])
-    debts = int(round(income * dti_target))
+    debts = round(income * dti_target)
     score = rng.choice([540, 590, 600, 620, 649, 650, 700, 780])
     defaults = rng.choice([0, 0, 0, 1, 2])
     dti = debts / income
