@@ -1,0 +1,61 @@
+"""``mtrl``: the command line, thin over the Python API.
+
+Commands so far: ``env-check``. (``train``, ``eval``, ``report``, ``reward-audit`` and
+``doctor`` arrive with the trainer and the evaluator.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _env_check(args: argparse.Namespace) -> int:
+    from mtrl_jax.envs.check import env_check
+
+    report = env_check(args.task, split=args.split, n=args.n, seed=args.seed)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        o, r = report.oracle, report.random
+        print(f"{report.task} ({report.split}, {report.n} tasks, each policy run twice)")
+        print(f"  oracle: strict success {o.strict_success:.3f}, mean reward {o.mean_reward:.3f},"
+              f" tool error rate {o.tool_error_rate:.3f}, {o.episodes_per_s} episodes/s")
+        print(f"  random: strict success {r.strict_success:.3f}, mean reward {r.mean_reward:.3f},"
+              f" tool error rate {r.tool_error_rate:.3f}")
+        print(f"  oracle tool calls: {o.tool_calls}")
+        print(f"  random finish reasons: {r.finish_reasons}")
+        print(f"  identical tool results across runs: {report.deterministic}")
+        for m in report.mismatches:
+            print(f"    {m}")
+        print("OK" if report.ok else "FAILED")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtrl", description="mtrl_jax: multi-turn agentic RL "
+                                "of language models in JAX.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    ec = sub.add_parser("env-check", help="run a scripted oracle and a random policy on a task "
+                        "family and check the environment")
+    ec.add_argument("task", help="family:name, e.g. sop_synth:aircraft_inspection")
+    ec.add_argument("--split", default="test")
+    ec.add_argument("--n", type=int, default=50, help="number of tasks")
+    ec.add_argument("--seed", type=int, default=0)
+    ec.add_argument("--json", action="store_true", help="print the report as JSON")
+    ec.set_defaults(fn=_env_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
