@@ -182,9 +182,12 @@ def generate_domain(name: str, out_dir: str | os.PathLike, *, sizes: dict[str, i
     with open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump({"name": name, "input_columns": d["inputs"], "output_columns": d["outputs"]},
                   f, indent=2)
-    tool_map = {"key_column": d["key"], "tools": {
-        t: {"key_argument": d["key"], "returns": [[c, c, k] for c, k in cols],
-            "not_found": d["not_found"]} for t, _, cols in d["tools"]}}
+    tool_map = {"tools": {
+        t: {"params": [d["key"]], "required": [[d["key"], "truthy"]],
+            "missing": f"Missing required parameter: {d['key']}",
+            "match": [[d["key"], d["key"], "str"]], "not_found": d["not_found"].replace(
+                "{key}", "{" + d["key"] + "}"),
+            "returns": [[c, c, k] for c, k in cols]} for t, _, cols in d["tools"]}}
     with open(os.path.join(out, "tool_map.json"), "w") as f:
         json.dump(tool_map, f, indent=2)
     make_row: Callable[[random.Random, int], dict[str, str]] = d["row"]
