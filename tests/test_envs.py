@@ -153,3 +153,27 @@ def test_cli_env_check(capsys):
     assert "oracle: strict success 1.000" in out and out.strip().endswith("OK")
     assert cli_main([]) == 0
     assert "env-check" in capsys.readouterr().out
+
+
+def test_replay_environment_answers_from_jsonl_and_csv_fixtures(tmp_path):
+    from mtrl_jax.envs.replay import ReplayEnvironment
+    from mtrl_jax.envs.tools import tool_from_spec
+
+    spec = tool_from_spec({"type": "function", "function": {
+        "name": "price", "parameters": {"type": "object", "properties": {
+            "sku": {"type": "string"}, "qty": {"type": "integer"}}, "required": ["sku"]}}})
+    jsonl = tmp_path / "fx.jsonl"
+    jsonl.write_text(json.dumps({"tool": "price", "arguments": {"sku": "A", "qty": 2},
+                                 "result": {"total": 10}}) + "\n")
+    csv_path = tmp_path / "fx.csv"
+    csv_path.write_text('tool,arguments,result\nprice,"{""qty"": 2, ""sku"": ""A""}",10\n')
+    for fx in (str(jsonl), str(csv_path)):
+        env = ReplayEnvironment([spec], fx)
+
+        async def go(env=env):
+            a = await env.call_tool(ToolCall("price", {"qty": 2, "sku": "A"}))  # any key order
+            with pytest.raises(ToolError, match="no recorded result for price"):
+                await env.call_tool(ToolCall("price", {"sku": "B"}))
+            return a
+
+        assert asyncio.run(go()) in ('{"total": 10}', "10")
