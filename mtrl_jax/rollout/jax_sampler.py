@@ -1,0 +1,205 @@
+"""The embedded JAX sampler: many concurrent episodes share one batched KV-cache decoder.
+
+Each episode holds a *slot* (a row of the KV cache) from its first request until ``release``.
+On a request the sampler feeds only the episode's tokens that the slot does not hold yet (the
+prompt on turn 1; the last sampled token plus the tool results afterwards) and samples the turn.
+Requests that arrive together are served by one batched
+:func:`~mtrl_jax.models.decoding.generate` call over all slots (rows without a request are idle
+for that call). Decoding runs in a worker thread, so tools keep running meanwhile.
+
+Shapes are static per (input bucket, new-token bucket): inputs are padded to a power of two
+and ``max_new_tokens`` to a power of two, so a run compiles a handful of programs.
+
+``update_weights(lora_state, version)`` swaps the LoRA adapters between calls; later turns of
+an episode then carry the new version (partial rollouts), recorded per turn in
+``SampleResult.policy_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtrl_jax.models.decoding import SamplingParams, bucket_length, generate
+from mtrl_jax.models.transformer import CausalLM, init_cache
+from mtrl_jax.rollout.sampler import SampleResult
+
+
+@dataclasses.dataclass
+class _Request:
+    slot: int
+    new_tokens: list[int]
+    max_tokens: int
+    future: asyncio.Future
+
+
+class JaxSampler:
+    """Args:
+      model: the policy (:class:`~mtrl_jax.models.transformer.CausalLM`).
+      params: sampling parameters (``max_tokens`` is overridden per request).
+      slots: concurrent episodes held in the cache (the batch size of every decode call).
+      max_len: cache length per slot (the episode's context limit).
+      seed: PRNG seed; each call folds in a counter, so runs are reproducible for the same
+        sequence of calls.
+      batch_wait_s: how long the batcher waits for more requests before a call.
+    """
+
+    def __init__(self, model: CausalLM, params: SamplingParams, *, slots: int = 32,
+                 max_len: int = 4096, seed: int = 0, batch_wait_s: float = 0.002,
+                 min_bucket: int = 16, policy_version: int = 0):
+        self.model = model
+        self.params = params
+        self.slots = slots
+        self.max_len = max_len
+        self.batch_wait_s = batch_wait_s
+        self.min_bucket = min_bucket
+        self.policy_version = policy_version
+        self.key = jax.random.key(seed)
+        self.calls = 0
+        self.cache = init_cache(model.cfg, slots, max_len)
+        self.slot_of: dict[str, int] = {}
+        self.fed: list[list[int]] = [[] for _ in range(slots)]  # tokens each slot's cache holds
+        self.free = list(range(slots))[::-1]
+        self.pending: list[_Request] = []
+        self._reset: set[int] = set()  # slots to empty before the next decode call
+        self._slot_freed: asyncio.Condition | None = None
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    async def sample(self, episode_id: str, tokens: Sequence[int],
+                     max_tokens: int) -> SampleResult:
+        self._ensure_worker()
+        slot = await self._acquire(episode_id)
+        held = self.fed[slot]
+        tokens = list(tokens)
+        if tokens[:len(held)] != held:
+            # the episode's history differs from what the cache holds (e.g. a new sample after a
+            # template rewrite): re-encode it from scratch in this slot
+            self.fed[slot] = held = []
+            self._reset.add(slot)
+        new = tokens[len(held):]
+        if not new:
+            raise ValueError(f"episode {episode_id}: no new tokens to feed (the loop must pass "
+                             "the whole episode including the last sampled token)")
+        room = self.max_len - len(tokens)
+        if room <= 0:
+            return SampleResult([], [], "length", self.policy_version)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(_Request(slot, new, min(max_tokens, room), fut))
+        self._wake.set()
+        return await fut
+
+    def release(self, episode_id: str) -> None:
+        slot = self.slot_of.pop(episode_id, None)
+        if slot is None:
+            return
+        self.fed[slot] = []
+        self._reset.add(slot)  # applied by the decode thread, the only user of the cache
+        self.free.append(slot)
+        if self._slot_freed is not None:
+            cond = self._slot_freed
+
+            async def notify():
+                async with cond:
+                    cond.notify()
+
+            asyncio.get_running_loop().create_task(notify())
+
+    def update_weights(self, lora_state: Any, version: int) -> None:
+        """Load new LoRA parameters (an ``nnx.State`` or pure dict) and bump the version."""
+        state = nnx.state(self.model, nnx.LoRAParam)
+        if isinstance(lora_state, dict):
+            nnx.replace_by_pure_dict(state, lora_state)
+        else:
+            state = lora_state
+        nnx.update(self.model, state)
+        self.policy_version = version
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._slot_freed = asyncio.Condition()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def _acquire(self, episode_id: str) -> int:
+        if episode_id in self.slot_of:
+            return self.slot_of[episode_id]
+        async with self._slot_freed:
+            while not self.free:
+                await self._slot_freed.wait()
+            slot = self.free.pop()
+        self.slot_of[episode_id] = slot
+        return slot
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.batch_wait_s)  # let concurrent requests join the call
+            self._wake.clear()
+            batch, self.pending = self.pending, []
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self._decode, batch)
+            except Exception as e:
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(e)
+                continue
+            for req, res in zip(batch, results, strict=True):
+                if not req.future.done():
+                    req.future.set_result(res)
+
+    def _decode(self, batch: list[_Request]) -> list[SampleResult]:
+        width = bucket_length(max(len(r.new_tokens) for r in batch), self.min_bucket)
+        inputs = np.zeros((self.slots, width), np.int32)
+        num_inputs = np.zeros((self.slots,), np.int32)
+        max_new = np.zeros((self.slots,), np.int32)
+        for r in batch:
+            inputs[r.slot, :len(r.new_tokens)] = r.new_tokens
+            num_inputs[r.slot] = len(r.new_tokens)
+            max_new[r.slot] = r.max_tokens
+        steps = bucket_length(int(max_new.max()), 8)
+        if self._reset:
+            reset, self._reset = sorted(self._reset), set()
+            self.cache = self.cache._replace(
+                lengths=self.cache.lengths.at[jnp.asarray(reset)].set(0))
+        key = jax.random.fold_in(self.key, self.calls)
+        self.calls += 1
+        out = generate(self.model, self.cache, jnp.asarray(inputs), jnp.asarray(num_inputs), key,
+                       self.params, max_new=jnp.asarray(max_new), max_new_tokens=steps)
+        self.cache = out.cache
+        toks = np.asarray(out.tokens)
+        lps = np.asarray(out.logprobs)
+        counts = np.asarray(out.num_tokens)
+        stopped = np.asarray(out.stopped)
+        results = []
+        for r in batch:
+            n = int(counts[r.slot])
+            sampled = toks[r.slot, :n].tolist()
+            # the cache now holds the inputs and all sampled tokens but the last
+            self.fed[r.slot] = self.fed[r.slot] + r.new_tokens + sampled[:-1]
+            results.append(SampleResult(sampled, lps[r.slot, :n].tolist(),
+                                        "stop" if stopped[r.slot] else "length",
+                                        self.policy_version))
+        return results
