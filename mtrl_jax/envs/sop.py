@@ -230,6 +230,7 @@ class SopDomain:
     output_columns: list[str]
     mappings: dict[str, ToolMapping]
     rows: dict[str, list[dict[str, str]]]  # split -> rows
+    rows_scope: str = "all"  # "all": tools answer from every row; "task": the episode's row
 
     def tools(self) -> list[Tool]:
         return [tool_from_spec(s) for s in self.toolspecs]
@@ -304,8 +305,11 @@ def load_sop_domain(path: str | os.PathLike, *, family: str = "sop",
         for col in m.columns():
             if columns and col not in columns:
                 raise ValueError(f"{name}: tool {m.name!r} reads column {col!r}, not in the CSV")
+    scope = tool_map.get("rows", "all")
+    if scope not in ("all", "task"):
+        raise ValueError(f"{name}: tool_map 'rows' must be 'all' or 'task', got {scope!r}")
     return SopDomain(name, family, path, sop, toolspecs, list(meta["input_columns"]),
-                     list(meta["output_columns"]), mappings, rows)
+                     list(meta["output_columns"]), mappings, rows, scope)
 
 
 class SopEnvironment(Environment):
@@ -322,6 +326,11 @@ class SopEnvironment(Environment):
         self.reward_kind = reward_kind
         self.tool_timeout_s = tool_timeout_s
         self._rows = [r for split_rows in domain.rows.values() for r in split_rows]
+
+    async def setup(self, task) -> None:
+        self.task = task
+        if self.domain.rows_scope == "task":
+            self._rows = [task.data["row"]]
 
     def tools(self) -> list[Tool]:
         return self.domain.tools()

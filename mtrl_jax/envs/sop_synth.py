@@ -11,6 +11,9 @@ Domains:
   numbers equal, pressure at or above the minimum, no open defects and service within 180 days);
   the sixth (``ready``) combines them. Borderline cases (a 1 kg vs a 2 kg difference, pressure
   equal to the minimum) are frequent, so copying a tool value never suffices.
+- ``preflight`` -- a compact aircraft check for tiny demo models (three tools, four fields, short
+  ids and codes that a word-level vocabulary holds as single tokens). Ids repeat across rows,
+  so its tools answer from the episode's own row (``"rows": "task"`` in ``tool_map.json``).
 - ``loan_triage`` -- the answer is computed from tool outputs: a debt-to-income band and a
   decision from thresholds on that ratio, the credit score and recent defaults.
 """
@@ -23,7 +26,7 @@ import os
 import random
 from collections.abc import Callable
 
-DOMAINS = ("aircraft_inspection", "loan_triage")
+DOMAINS = ("aircraft_inspection", "loan_triage", "preflight")
 
 
 def _spec(name: str, description: str, arg: str, arg_desc: str) -> dict:
@@ -157,7 +160,61 @@ LOAN = dict(
     not_found="Applicant {key} not found",
 )
 
-_DEFS: dict[str, dict] = {"aircraft_inspection": AIRCRAFT, "loan_triage": LOAN}
+# ----------------------------------------------------------------------- preflight (demo)
+
+PREFLIGHT_SOP = """\
+Preflight check.
+
+For the aircraft (aircraft_id), call each tool once, then record:
+1. mechanical: inspect_mechanical; "pass" if the weight is within 1 of the expected weight,
+   otherwise "fail".
+2. electrical: inspect_electrical; "pass" if the battery is "operational" or "nominal",
+   otherwise "fail".
+3. serial: verify_serial; "match" if the installed serial equals the logged serial, otherwise
+   "mismatch".
+4. ready: "yes" if mechanical and electrical are "pass" and serial is "match", otherwise "no".
+"""
+
+PREFLIGHT_BATTERY = ("operational", "nominal", "degraded", "failed")
+PREFLIGHT_SERIALS = tuple(f"{c}{d}" for c in "ABCDEF" for d in range(10))
+
+
+def _preflight_row(rng: random.Random, i: int) -> dict[str, str]:
+    expected_w = rng.randint(60, 90)
+    diff = rng.choice([0, 0, 1, -1, 2, -2, 4, -5])
+    battery = rng.choice(PREFLIGHT_BATTERY)
+    logged = rng.choice(PREFLIGHT_SERIALS)
+    installed = logged if rng.random() < 0.6 else \
+        f"{logged[0]}{(int(logged[1]) + rng.choice([1, 9])) % 10}"
+    mech = "pass" if abs(diff) <= 1 else "fail"
+    elec = "pass" if battery in ("operational", "nominal") else "fail"
+    ser = "match" if installed == logged else "mismatch"
+    ready = "yes" if (mech, elec, ser) == ("pass", "pass", "match") else "no"
+    return {"aircraft_id": f"U{rng.randint(10, 99)}", "weight": str(expected_w + diff),
+            "expected": str(expected_w), "battery": battery, "installed": installed,
+            "logged": logged, "mechanical": mech, "electrical": elec, "serial": ser,
+            "ready": ready}
+
+
+PREFLIGHT = dict(
+    sop=PREFLIGHT_SOP,
+    key="aircraft_id",
+    inputs=["aircraft_id"],
+    outputs=["mechanical", "electrical", "serial", "ready"],
+    tools=[
+        ("inspect_mechanical", "Weighs the component; returns weight and expected weight.",
+         [("weight", "int"), ("expected", "int")]),
+        ("inspect_electrical", "Reads the battery status.", [("battery", "str")]),
+        ("verify_serial", "Reads the installed and the logged serial.",
+         [("installed", "str"), ("logged", "str")]),
+    ],
+    row=_preflight_row,
+    not_found="Aircraft {key} not found",
+    unique_keys=False,
+)
+
+_DEFS: dict[str, dict] = {"aircraft_inspection": AIRCRAFT, "loan_triage": LOAN,
+                          "preflight": PREFLIGHT}
 
 
 def generate_domain(name: str, out_dir: str | os.PathLike, *, sizes: dict[str, int] | None = None,
@@ -182,20 +239,24 @@ def generate_domain(name: str, out_dir: str | os.PathLike, *, sizes: dict[str, i
     with open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump({"name": name, "input_columns": d["inputs"], "output_columns": d["outputs"]},
                   f, indent=2)
-    tool_map = {"tools": {
+    tool_map: dict = {"tools": {
         t: {"params": [d["key"]], "required": [[d["key"], "truthy"]],
             "missing": f"Missing required parameter: {d['key']}",
             "match": [[d["key"], d["key"], "str"]], "not_found": d["not_found"].replace(
                 "{key}", "{" + d["key"] + "}"),
             "returns": [[c, c, k] for c, k in cols]} for t, _, cols in d["tools"]}}
+    unique = d.get("unique_keys", True)
+    if not unique:
+        tool_map["rows"] = "task"  # keys repeat: answer from the episode's own row
     with open(os.path.join(out, "tool_map.json"), "w") as f:
         json.dump(tool_map, f, indent=2)
     make_row: Callable[[random.Random, int], dict[str, str]] = d["row"]
     for split_no, (split, n) in enumerate(sorted(sizes.items())):
         rng = random.Random(f"{name}:{seed}:{split}:{split_no}")
         rows = [make_row(rng, i) for i in range(n)]
-        for r in rows:  # keys unique across splits: tools answer for any split's key
-            r[d["key"]] = f"{r[d['key']]}-{split}"
+        if unique:
+            for r in rows:  # keys unique across splits: tools answer for any split's key
+                r[d["key"]] = f"{r[d['key']]}-{split}"
         with open(os.path.join(out, f"{split}_set_with_outputs.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
             w.writeheader()

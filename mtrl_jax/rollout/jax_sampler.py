@@ -10,6 +10,11 @@ for that call). Decoding runs in a worker thread, so tools keep running meanwhil
 Shapes are static per (input bucket, new-token bucket): inputs are padded to a power of two
 and ``max_new_tokens`` to a power of two, so a run compiles a handful of programs.
 
+Lockstep rounds (``begin_round(n, key)`` ... ``end_round()``): a decode call waits until every
+episode of the round that is still running has a request in, so the batches -- and with the
+round's key, the sampled tokens -- do not depend on timing. The synchronous trainer runs its
+rollouts this way, which makes a run (and a resumed run) reproducible.
+
 ``update_weights(lora_state, version)`` swaps the LoRA adapters between calls; later turns of
 an episode then carry the new version (partial rollouts), recorded per turn in
 ``SampleResult.policy_version``.
@@ -72,8 +77,34 @@ class JaxSampler:
         self._slot_freed: asyncio.Condition | None = None
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._round: int | None = None  # episodes in the current lockstep round
+        self._round_done: set[str] = set()
 
     # ------------------------------------------------------------------ public API
+
+    def begin_round(self, episode_ids: Sequence[str], key: jax.Array | None = None) -> None:
+        """Start a lockstep round of these episodes (see the module docstring): episode ``i``
+        gets slot ``i``; ``key`` resets the sampling key and the call counter."""
+        episode_ids = list(episode_ids)
+        if len(episode_ids) > self.slots:
+            raise ValueError(f"a lockstep round of {len(episode_ids)} episodes needs as many "
+                             f"slots (the sampler has {self.slots})")
+        if self.slot_of:
+            raise RuntimeError(f"begin_round: {len(self.slot_of)} episode(s) still hold slots")
+        self._round = len(episode_ids)
+        self._round_done = set()
+        self.slot_of = {e: i for i, e in enumerate(episode_ids)}
+        self.free = list(range(len(episode_ids), self.slots))[::-1]
+        for i in range(len(episode_ids)):
+            self.fed[i] = []
+            self._reset.add(i)
+        if key is not None:
+            self.key = key
+            self.calls = 0
+
+    def end_round(self) -> None:
+        self._round = None
+        self._round_done = set()
 
     async def sample(self, episode_id: str, tokens: Sequence[int],
                      max_tokens: int) -> SampleResult:
@@ -99,6 +130,10 @@ class JaxSampler:
         return await fut
 
     def release(self, episode_id: str) -> None:
+        if self._round is not None:
+            self._round_done.add(episode_id)
+            if self._wake is not None:
+                self._wake.set()  # the round may now be complete
         slot = self.slot_of.pop(episode_id, None)
         if slot is None:
             return
@@ -156,6 +191,9 @@ class JaxSampler:
             await self._wake.wait()
             await asyncio.sleep(self.batch_wait_s)  # let concurrent requests join the call
             self._wake.clear()
+            if self._round is not None and \
+                    len(self.pending) < self._round - len(self._round_done):
+                continue  # lockstep: wait for every running episode of the round
             batch, self.pending = self.pending, []
             if not batch:
                 continue

@@ -1,0 +1,363 @@
+"""Typed run configuration: frozen dataclasses, filled from a YAML recipe plus dotted overrides.
+
+A recipe is a YAML mapping whose keys mirror :class:`TrainConfig`; anything it leaves out keeps
+the default. Overrides are ``"section.key=value"`` strings (values parsed as YAML, so
+``rollout.temperature=0.7``, ``lora.targets=[q,v]`` and ``model.path=null`` work) or a dict of
+dotted keys. A key that does not exist fails with its dotted path and the closest valid name::
+
+    >>> load_config(overrides=["rollout.group_sise=4"])
+    ConfigError: unknown key 'rollout.group_sise' -- did you mean 'rollout.group_size'?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """``path``: a local HF checkpoint directory (config.json, safetensors, tokenizer). Without
+    it, ``tiny`` builds a small random model (dict of :class:`~mtrl_jax.models.ModelConfig`
+    fields) and ``tokenizer`` names a built-in tokenizer (``byte`` or ``demo_words``)."""
+
+    path: str | None = None
+    tiny: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(
+        hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=32, tie_word_embeddings=True))
+    tokenizer: str = "byte"
+    dtype: str = "float32"
+    warmup_checkpoint: str | None = None  # a base the demo's SFT warm-up wrote (see demo.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """``task``: ``family:name`` (see :mod:`mtrl_jax.envs.families`). ``n_train`` / ``n_val``
+    limit the splits (None = all). ``system_prompt``: ``task`` renders the task's system prompt
+    (the SOP); ``none`` drops it (for tiny models that learned the procedure in a warm-up)."""
+
+    task: str = "sop_synth:aircraft_inspection"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    n_train: int | None = None
+    n_val: int | None = 64
+    n_test: int | None = 200
+    data_seed: int = 0
+    system_prompt: Literal["task", "none"] = "task"
+    reward: Literal["dense", "strict"] = "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection:
+    """``batch_size`` tasks per step, ``group_size`` episodes each."""
+
+    batch_size: int = 8
+    group_size: int = 8
+    max_turns: int = 4
+    sampling_max_tokens: int = 128
+    max_context_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ValSamplingSection:
+    """Validation: one greedy episode per task (strict task success, field accuracy,
+    completion) plus ``num_samples`` sampled ones at ``temperature`` for pass@k."""
+
+    sampling_max_tokens: int = 128
+    temperature: float = 1.0
+    num_samples: int = 8
+    success_threshold: float = 1.0  # pass@k counts samples with reward >= this
+    max_disagreement_traces: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSection:
+    advantage_method: str = "group_based"
+    normalize_by_std: bool = True
+    policy_loss: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    aggregation: str = "token_mean"
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    tis_mode: Literal["none", "truncate", "mask"] = "none"
+    tis_cap: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AsyncSection:
+    max_steps_off_policy: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.99
+    mini_batches: int = 1
+    epochs: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingSection:
+    """Episodes are packed as segments into rows of one of ``row_lengths`` (the smallest that
+    fits the longest episode); the row count is rounded up to a multiple of ``row_multiple``."""
+
+    row_lengths: tuple[int, ...] = (256, 1024, 4096)
+    row_multiple: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = ModelSection()
+    lora: LoRASection = LoRASection()
+    data: DataSection = DataSection()
+    rollout: RolloutSection = RolloutSection()
+    val_sampling_params: ValSamplingSection = ValSamplingSection()
+    algorithm: AlgorithmSection = AlgorithmSection()
+    async_config: AsyncSection = AsyncSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    packing: PackingSection = PackingSection()
+    steps: int = 100
+    eval_interval: int = 25
+    checkpoint_interval: int = 50
+    trace_samples_per_step: int = 1
+    seed: int = 0
+    output_dir: str = "runs/default"
+    experiment_name: str = "mtrl_jax"
+    run_name: str | None = None
+    export_merged: bool = False
+
+    def __post_init__(self):
+        _check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(x):
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _check(c: TrainConfig) -> None:
+    from mtrl_jax.kernels import ADVANTAGE_ESTIMATORS, AGGREGATIONS, POLICY_LOSSES
+
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    r = c.rollout
+    need(r.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+    need(r.group_size >= 1, "rollout.group_size", "must be >= 1")
+    need(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
+    need(r.sampling_max_tokens >= 1, "rollout.sampling_max_tokens", "must be >= 1")
+    need(r.temperature >= 0, "rollout.temperature", "must be >= 0")
+    need(c.steps >= 0, "steps", "must be >= 0")
+    need(c.eval_interval >= 0 and c.checkpoint_interval >= 0, "eval_interval",
+         "intervals must be >= 0 (0 = never)")
+    a = c.algorithm
+    need(a.advantage_method in ADVANTAGE_ESTIMATORS.names(), "algorithm.advantage_method",
+         f"{a.advantage_method!r} is not one of {ADVANTAGE_ESTIMATORS.names()}")
+    need(a.policy_loss in POLICY_LOSSES.names(), "algorithm.policy_loss",
+         f"{a.policy_loss!r} is not one of {POLICY_LOSSES.names()}")
+    need(a.aggregation in AGGREGATIONS, "algorithm.aggregation",
+         f"{a.aggregation!r} is not one of {AGGREGATIONS}")
+    o = c.optimizer
+    need(o.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
+    need(o.mini_batches >= 1 and o.epochs >= 1, "optimizer.mini_batches",
+         "mini_batches and epochs must be >= 1")
+    need(c.lora.lora_rank >= 1, "lora.lora_rank", "must be >= 1")
+    need(c.async_config.max_steps_off_policy >= 0, "async_config.max_steps_off_policy",
+         "must be >= 0")
+    need(c.async_config.max_steps_off_policy == 0, "async_config.max_steps_off_policy",
+         "the synchronous trainer runs k = 0 only (the asynchronous rollout process is not "
+         "built yet)")
+    need(c.val_sampling_params.num_samples >= 0, "val_sampling_params.num_samples", ">= 0")
+    need(len(c.packing.row_lengths) > 0 and all(x > 0 for x in c.packing.row_lengths),
+         "packing.row_lengths", "needs positive lengths")
+    need(c.model.path is not None or c.model.tokenizer in ("byte", "demo_words"),
+         "model.tokenizer", "without model.path use 'byte' or 'demo_words'")
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load_config(recipe: str | os.PathLike | dict[str, Any] | None = None,
+                overrides: list[str] | dict[str, Any] | None = None,
+                **kw_overrides: Any) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a recipe (YAML path or dict) and overrides.
+
+    ``kw_overrides`` use ``__`` or ``.`` free names for sections: ``steps=3`` or
+    ``rollout={"group_size": 4}``.
+    """
+    if recipe is None:
+        data: dict[str, Any] = {}
+    elif isinstance(recipe, dict):
+        data = _deep_copy(recipe)
+    else:
+        path = os.fspath(recipe)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"recipe {path!r} not found")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path!r}: the top level must be a mapping")
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        items += list(overrides.items())
+    else:
+        for o in overrides or []:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r} is not key=value (e.g. rollout.group_size=4)")
+            k, v = o.split("=", 1)
+            items.append((k.strip(), yaml.safe_load(v)))
+    for k, v in kw_overrides.items():
+        items.append((k, v))
+    for key, value in items:
+        _set_dotted(data, key, value)
+    return _build(TrainConfig, data, "")
+
+
+def _deep_copy(d):
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    return d
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    if isinstance(value, dict) and isinstance(cur.get(parts[-1]), dict):
+        for k, v in value.items():
+            _set_dotted(cur[parts[-1]], k, v)
+    else:
+        cur[parts[-1]] = value
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" -- did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(options)}"
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            full = [f"{prefix}{n}" for n in fields]
+            raise ConfigError(f"unknown key {path!r}{_suggest(path, full)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def _coerce(tp, value: Any, path: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v, path) for v in value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (for MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

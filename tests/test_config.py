@@ -1,0 +1,118 @@
+"""Recipes: typed configs, dotted overrides, errors that name the key and the closest valid one."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from mtrl_jax.training.config import ConfigError, TrainConfig, flatten, load_config
+from mtrl_jax.training.packing import Segment, pack
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_and_overrides():
+    c = load_config(overrides=["rollout.group_size=4", "lora.targets=[q,v]",
+                               "optimizer.learning_rate=3e-4", "model.path=null"])
+    assert isinstance(c, TrainConfig)
+    assert c.rollout.group_size == 4
+    assert c.lora.targets == ("q", "v")
+    assert c.optimizer.learning_rate == pytest.approx(3e-4)
+    assert c.model.path is None
+    # dict overrides and keyword overrides; later ones win
+    c2 = load_config({"rollout": {"group_size": 2}}, {"rollout.batch_size": 3}, steps=7)
+    assert (c2.rollout.group_size, c2.rollout.batch_size, c2.steps) == (2, 3, 7)
+
+
+def test_recipe_file_and_override_precedence(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("rollout:\n  group_size: 6\nsteps: 5\n")
+    c = load_config(str(p), ["steps=9"])
+    assert c.rollout.group_size == 6 and c.steps == 9
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("rollout.group_sise=4", "'rollout.group_size'"),
+    ("rolout.group_size=4", "'rollout'"),
+    ("optimizer.lerning_rate=1e-3", "'optimizer.learning_rate'"),
+    ("val_sampling_params.sampling_max_token=3", "'val_sampling_params.sampling_max_tokens'"),
+    ("async_config.max_step_off_policy=0", "'async_config.max_steps_off_policy'"),
+])
+def test_misspelt_key_names_path_and_closest(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    msg = str(e.value)
+    key = override.split("=")[0]
+    wrong = key if "." in expected else key.split(".")[0]  # a wrong section is named alone
+    assert f"'{wrong}'" in msg and "did you mean" in msg and expected in msg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("rollout.group_size=four", "rollout.group_size: expected an integer"),
+    ("rollout.group_size=0", "rollout.group_size"),
+    ("algorithm.policy_loss=ppp", "algorithm.policy_loss"),
+    ("algorithm.advantage_method=grpo2", "algorithm.advantage_method"),
+    ("data.system_prompt=maybe", "data.system_prompt"),
+    ("optimizer.learning_rate=-1", "optimizer.learning_rate"),
+    ("steps", "key=value"),
+])
+def test_bad_values_are_named(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+    assert len(recipes) >= 9  # demo + Qwen2.5 x3 + Qwen3 x3 + Llama-3.2 x2
+    for r in recipes:
+        c = load_config(r)
+        head = open(r).read().splitlines()[:8]
+        text = "\n".join(head).lower()
+        for word in ("command", "hardware", "time", "expected"):
+            assert word in text, f"{r}: header lacks '{word}'"
+        assert c.rollout.max_context_tokens <= max(c.packing.row_lengths)
+
+
+def test_flatten_for_params():
+    flat = flatten(load_config().to_dict())
+    assert flat["rollout.group_size"] == 8 and "algorithm.policy_loss" in flat
+
+
+# ------------------------------------------------------------------------------ packing
+
+def _seg(n, adv, start=1):
+    toks = np.arange(start, start + n, dtype=np.int32)
+    mask = (np.arange(n) >= n // 2).astype(np.int8)
+    return Segment(toks, mask, -0.1 * mask.astype(np.float32), adv)
+
+
+def test_packing_layout():
+    segs = [_seg(n, float(i), start=100 * i + 1) for i, n in enumerate([10, 30, 5, 20, 17])]
+    b = pack(segs, (16, 32, 64), multiple=2)
+    assert b.shape[1] == 32  # smallest length holding the longest (30)
+    assert b.shape[0] % 2 == 0 and (b.shape[0] // 2) & (b.shape[0] // 2 - 1) == 0
+    assert b.num_tokens == 82
+    assert b.efficiency == pytest.approx(82 / b.tokens.size)
+    seen = set()
+    for r in range(b.shape[0]):
+        ids = b.segment_ids[r]
+        # segments are contiguous, numbered 1.. within a row, padding (0) only at the end
+        nz = ids[ids > 0]
+        assert list(nz) == sorted(nz)
+        assert (ids[len(nz):] == 0).all()
+        for s in np.unique(nz):
+            sel = ids == s
+            idx = int(b.segment_index[r][sel][0])
+            seg = segs[idx]
+            assert (b.tokens[r][sel] == seg.tokens).all()
+            assert (b.positions[r][sel] == np.arange(len(seg.tokens))).all()
+            assert (b.loss_mask[r][sel] == seg.loss_mask).all()
+            assert (b.advantages[r][sel] == seg.advantage).all()
+            seen.add(idx)
+    assert seen == set(range(len(segs)))
+
+
+def test_packing_too_long_fails_clearly():
+    with pytest.raises(ValueError, match="does not fit the longest packing row"):
+        pack([_seg(70, 1.0)], (16, 64))
