@@ -1,7 +1,8 @@
 """``mtrl``: the command line, thin over the Python API.
 
-Commands so far: ``env-check``. (``train``, ``eval``, ``report``, ``reward-audit`` and
-``doctor`` arrive with the trainer and the evaluator.)
+Commands: ``train`` (a recipe plus ``key.sub=value`` overrides), ``demo`` (the CPU demo end to
+end), ``env-check``. (``eval``, ``report``, ``reward-audit`` and ``doctor`` arrive with the
+evaluator.)
 """
 
 from __future__ import annotations
@@ -33,6 +34,37 @@ def _env_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mtrl_jax.training.config import ConfigError
+    from mtrl_jax.training.trainer import CheckpointError, MultiTurnRLTrainer
+
+    try:
+        trainer = MultiTurnRLTrainer(args.recipe, overrides=args.overrides,
+                                     resume=not args.no_resume)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"mtrl train: {e}", file=sys.stderr)
+        return 2
+    print(f"[mtrl] MLflow: {trainer.get_mlflow_url()}", flush=True)
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        print(f"[mtrl] stopped; checkpoint saved at step {trainer.step} in "
+              f"{trainer.checkpoints.directory}", file=sys.stderr)
+        return 130
+    finally:
+        trainer.close()
+    print(f"[mtrl] done: {trainer.step} steps; adapter in {trainer.config.output_dir}/adapter; "
+          f"MLflow: {trainer.get_mlflow_url()}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mtrl_jax.demo import run_demo
+
+    run_demo(seeds=args.seeds, output_dir=args.output_dir, overrides=args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrl", description="mtrl_jax: multi-turn agentic RL "
                                 "of language models in JAX.")
@@ -45,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--seed", type=int, default=0)
     ec.add_argument("--json", action="store_true", help="print the report as JSON")
     ec.set_defaults(fn=_env_check)
+
+    tr = sub.add_parser("train", help="train with a YAML recipe (resumes from the newest "
+                        "checkpoint in output_dir)")
+    tr.add_argument("--recipe", required=True, help="YAML recipe, e.g. configs/demo_cpu.yaml")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotted overrides, e.g. rollout.group_size=4 steps=10")
+    tr.add_argument("--no-resume", action="store_true",
+                    help="start at step 0 even if output_dir holds checkpoints")
+    tr.set_defaults(fn=_train)
+
+    de = sub.add_parser("demo", help="the CPU demo: warm-up (cached), base evaluation, RL, "
+                        "evaluation, base-vs-trained table")
+    de.add_argument("--seeds", type=int, nargs="+", default=[0])
+    de.add_argument("--output-dir", default="runs/demo")
+    de.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="overrides of configs/demo_cpu.yaml")
+    de.set_defaults(fn=_demo)
     return p
 
 

@@ -59,10 +59,10 @@ class WarmupConfig:
     teacher_bias: float = 0.7
     skip_prob: float = 0.15
     one_call_per_turn_prob: float = 0.5
-    episodes: int = 2000
-    steps: int = 400
+    episodes: int = 4000
+    steps: int = 600
     batch_episodes: int = 64
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     seed: int = 0
     data_seed: int = 0
 
@@ -73,7 +73,7 @@ class WarmupConfig:
 
 def _code_version() -> str:
     """Bump when the warm-up's data or format changes (invalidates cached bases)."""
-    return "preflight-v1"
+    return "preflight-v2"
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -267,7 +267,7 @@ def sft(model, trajs, cfg: WarmupConfig, *, verbose: bool = True) -> list[float]
     t0 = time.perf_counter()
     for i in range(cfg.steps):
         idx = rng.choice(len(segs), cfg.batch_episodes, replace=False)
-        b = pack([segs[j] for j in idx], (256, 512, 1024), multiple=8)
+        b = pack([segs[j] for j in idx], (512, 1024), multiple=8)
         batch = {k: jax.numpy.asarray(getattr(b, k)) for k in
                  ("tokens", "positions", "segment_ids", "loss_mask")}
         params, opt, loss = step(params, opt, batch)

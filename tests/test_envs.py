@@ -123,6 +123,7 @@ def test_replayed_tools_answer_from_rows_and_report_errors(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["sop_synth:aircraft_inspection", "sop_synth:loan_triage",
+                                  "sop_synth:preflight",
                                   "math:arith", "sql:employees"])
 def test_env_check_oracle_solves_and_random_fails(task):
     report = env_check(task, n=25, seed=0)

@@ -190,7 +190,7 @@ def _preflight_row(rng: random.Random, i: int) -> dict[str, str]:
     elec = "pass" if battery in ("operational", "nominal") else "fail"
     ser = "match" if installed == logged else "mismatch"
     ready = "yes" if (mech, elec, ser) == ("pass", "pass", "match") else "no"
-    return {"aircraft_id": f"U{rng.randint(10, 99)}", "weight": str(expected_w + diff),
+    return {"aircraft_id": f"U{rng.randint(10, 49)}", "weight": str(expected_w + diff),
             "expected": str(expected_w), "battery": battery, "installed": installed,
             "logged": logged, "mechanical": mech, "electrical": elec, "serial": ser,
             "ready": ready}

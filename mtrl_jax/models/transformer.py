@@ -166,9 +166,11 @@ def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
     (``mask [B, T, S]``). Grouped form: the cache is read once, never repeated per head."""
     b, t, h, d = q.shape
     kv = k.shape[1]
-    if t == 1:
-        # One query per row (a decode step): multiply-and-reduce reads the cache once as a
-        # stream; XLA:CPU runs it ~1.7x faster than 2 * B * KV tiny [G, D] x [D, S] matmuls.
+    if t == 1 and h // kv > 1:
+        # One query per row (a decode step) with grouped heads: multiply-and-reduce reads the
+        # cache once as a stream; XLA:CPU runs it ~1.7x faster than 2 * B * KV tiny [G, D] x
+        # [D, S] matmuls. Without grouping (G = 1) the broadcast form is 14-25x slower than the
+        # einsum below (measured: B=64, KV=4, S=256, D=32: 20 ms vs 1.4 ms per call).
         q1 = q.reshape(b, kv, h // kv, 1, d).astype(jnp.float32)
         scores = jnp.sum(q1 * k[:, :, None, :, :].astype(jnp.float32), axis=-1)  # [B,KV,G,S]
         scores = jnp.where(mask[:, :, None, :], scores * (d ** -0.5), NEG_INF)
