@@ -51,9 +51,9 @@ def tasks(split, n):
                  split=split) for i in range(n)]
 
 
-def make(tmp_path, name, steps, **kw):
+def make(tmp_path, name, steps, overrides_extra=(), **kw):
     return MultiTurnRLTrainer(
-        overrides=TINY + [f"steps={steps}", f"output_dir={tmp_path / name}"],
+        overrides=TINY + [f"steps={steps}", f"output_dir={tmp_path / name}", *overrides_extra],
         train_tasks=tasks("train", 6), val_tasks=tasks("val", 2), make_env=lambda t: EvenBytes(),
         verbose=False, **kw)
 
@@ -119,7 +119,9 @@ def test_nan_loss_skips_the_update_and_training_goes_on(tmp_path):
 
 def test_ctrl_c_saves_and_marks_run_killed(tmp_path, monkeypatch):
     EvenBytes.nan_on_call = set()
-    t = make(tmp_path, "killed", 5)
+    # several updates per step: old log-probs from a separate forward, ratios move off 1
+    t = make(tmp_path, "killed", 5, overrides_extra=["optimizer.mini_batches=2",
+                                                     "optimizer.epochs=2"])
     real = t.train_step
     calls = {"n": 0}
 
@@ -133,6 +135,7 @@ def test_ctrl_c_saves_and_marks_run_killed(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         t.train()
     t.close()
+    assert t.history[0]["train/ratio_max"] > 1.0 or t.history[0]["train/ratio_min"] < 1.0
     assert t.checkpoints.latest_step() == 1
     assert t.tracker.client.get_run(t.tracker.run_id).info.status == "KILLED"
 

@@ -224,14 +224,21 @@ class MultiTurnRLTrainer:
         def loss_fn(model, batch):
             stats = token_logprobs(model, batch["tokens"], batch["positions"],
                                    batch["segment_ids"], with_entropy=exact_entropy)
+            # one on-policy update per step: the old policy is the current one (ratio 1)
+            old = batch["old_logprobs"] if "old_logprobs" in batch else \
+                jax.lax.stop_gradient(stats.logprobs)
             inputs = PolicyLossInputs(
-                logprobs=stats.logprobs, old_logprobs=batch["old_logprobs"],
+                logprobs=stats.logprobs, old_logprobs=old,
                 advantages=batch["advantages"], loss_mask=batch["loss_mask"],
                 segment_ids=batch["segment_ids"],
                 behaviour_logprobs=batch["behaviour_logprobs"] if use_tis else None,
                 ref_logprobs=batch["ref_logprobs"] if use_ref else None,
                 entropy=stats.entropy)
-            return policy_loss(name, inputs, params, loss_cfg)
+            loss, metrics = policy_loss(name, inputs, params, loss_cfg)
+            gap = jnp.abs(jax.lax.stop_gradient(stats.logprobs) - batch["behaviour_logprobs"])
+            metrics["behaviour_logprob_gap_max"] = jnp.max(
+                jnp.where(batch["loss_mask"] > 0, gap, 0.0))
+            return loss, metrics
 
         self._train_step = make_lora_train_step(self.graphdef, self.tx, loss_fn, donate=False)
         graphdef = self.graphdef
@@ -391,20 +398,22 @@ class MultiTurnRLTrainer:
                   "segment_ids": batch.segment_ids, "loss_mask": batch.loss_mask,
                   "advantages": batch.advantages,
                   "behaviour_logprobs": batch.behaviour_logprobs}
-        # old (and reference) log-probs, one mini-batch shape at a time
+        # old (and reference) log-probs, one mini-batch shape at a time; with a single update
+        # per step the old policy is the current one and the loss takes it from its own forward
+        need_old = self._updates_per_step > 1 or c.algorithm.tis_mode != "none"
         olds, refs = [], []
         for i in range(o.mini_batches):
             sl = slice(i * mb_rows, (i + 1) * mb_rows)
             args = (self.lora, self.base, jnp.asarray(batch.tokens[sl]),
                     jnp.asarray(batch.positions[sl]), jnp.asarray(batch.segment_ids[sl]))
-            olds.append(np.asarray(self._logprobs(*args)))
+            if need_old:
+                olds.append(np.asarray(self._logprobs(*args)))
             if c.algorithm.kl_coef > 0:
                 refs.append(np.asarray(self._ref_logprobs(*args)))
-        arrays["old_logprobs"] = np.concatenate(olds)
+        if olds:
+            arrays["old_logprobs"] = np.concatenate(olds)
         if refs:
             arrays["ref_logprobs"] = np.concatenate(refs)
-        mask = batch.loss_mask > 0
-        behaviour_gap = np.abs(arrays["old_logprobs"] - batch.behaviour_logprobs)[mask]
         acc: dict[str, list[float]] = {}
         skipped = 0
         for _ in range(o.epochs):
@@ -420,6 +429,8 @@ class MultiTurnRLTrainer:
                           "skipped", file=sys.stderr)
                 for k, v in {"loss": float(loss), "grad_norm": float(gnorm), **aux}.items():
                     acc.setdefault(k, []).append(v)
+        if "behaviour_logprob_gap_max" in acc:  # a max, not a mean, over the updates
+            acc["behaviour_logprob_gap_max"] = [max(acc["behaviour_logprob_gap_max"])]
         nnx.update(self.model, self.lora)  # the sampler's model
         out = {f"train/{k}": float(np.mean(v)) for k, v in acc.items()}
         out.update({
@@ -427,8 +438,6 @@ class MultiTurnRLTrainer:
             "train/packing_efficiency": batch.efficiency,
             "train/rows": float(rows), "train/row_length": float(batch.shape[1]),
             "train/tokens": float(batch.num_tokens),
-            "train/behaviour_logprob_gap_max": float(behaviour_gap.max())
-            if behaviour_gap.size else 0.0,
         })
         return out
 
