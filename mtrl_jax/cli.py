@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
+    if argv is None and args.command in ("train", "demo"):
+        from mtrl_jax.runtime import reexec_with_fast_malloc
+
+        reexec_with_fast_malloc()  # replaces the process once (see mtrl_jax/runtime.py)
     return args.fn(args)
 
 

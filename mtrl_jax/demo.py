@@ -2,14 +2,14 @@
 strict task success.
 
 1. Task: ``sop_synth:preflight`` (three tools, four output fields; the answer depends on what
-   the tools return: a weight within 1 of its expected value, a battery status, two serials).
+   the tools return: a weight deviation, a battery status, a serial's registry status).
 2. Tokenizer: word-level, its vocabulary read off oracle episodes of every split (ids, numbers
    and codes are single tokens), with a compact ChatML template.
 3. Warm-up (cached under ``$MTRL_DATA_DIR/demo/<hash>``, an HF checkpoint folder): supervised
    training of a random 2-layer model on trajectories of a *noisy teacher* run through the real
    agent loop: it calls the tools in random order, one per turn or all at once, sometimes skips
-   one (and then guesses), and in borderline cases (a weight 1 or 2 off, a ``nominal`` or
-   ``degraded`` battery, serials one digit apart) gives the wrong answer with probability
+   one (and then guesses), and in borderline cases (a deviation of 1 or 2 kg, a ``nominal`` or
+   ``degraded`` battery, a ``pending`` or ``recalled`` serial) gives the wrong answer with probability
    ``teacher_bias``. The base therefore fails in several ways but has a foothold on every skill:
    it samples the right answer in borderline cases some of the time.
 4. RL: :class:`~mtrl_jax.training.trainer.MultiTurnRLTrainer` with ``configs/demo_cpu.yaml``
@@ -60,7 +60,7 @@ class WarmupConfig:
     skip_prob: float = 0.15
     one_call_per_turn_prob: float = 0.5
     episodes: int = 4000
-    steps: int = 600
+    steps: int = 400
     batch_episodes: int = 64
     learning_rate: float = 3e-3
     seed: int = 0
@@ -73,12 +73,13 @@ class WarmupConfig:
 
 def _code_version() -> str:
     """Bump when the warm-up's data or format changes (invalidates cached bases)."""
-    return "preflight-v2"
+    return "preflight-v3"
 
 
 # ----------------------------------------------------------------------------- the teacher
 
 BORDERLINE_BATTERY = ("nominal", "degraded")
+BORDERLINE_REGISTRY = ("pending", "recalled")
 
 
 def teacher_turns(task, rng: random.Random, cfg: WarmupConfig) -> list[str]:
@@ -97,7 +98,7 @@ def teacher_turns(task, rng: random.Random, cfg: WarmupConfig) -> list[str]:
         turns = ["".join(calls)]
     b = cfg.teacher_bias
     truth = task.expected
-    diff = abs(int(row["weight"]) - int(row["expected"]))
+    diff = int(row["deviation_kg"])
     fields = {}
     if "inspect_mechanical" in called:
         flip = diff in (1, 2) and rng.random() < b
@@ -112,8 +113,9 @@ def teacher_turns(task, rng: random.Random, cfg: WarmupConfig) -> list[str]:
     else:
         fields["electrical"] = "pass"
     if "verify_serial" in called:
-        flip = truth["serial"] == "mismatch" and rng.random() < b
-        fields["serial"] = "match" if flip else truth["serial"]
+        flip = row["registry"] in BORDERLINE_REGISTRY and rng.random() < b
+        fields["serial"] = _flip(truth["serial"], ("match", "mismatch")) if flip \
+            else truth["serial"]
     else:
         fields["serial"] = "match"
     ok = (fields["mechanical"], fields["electrical"], fields["serial"]) == ("pass", "pass",

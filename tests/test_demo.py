@@ -61,10 +61,12 @@ def test_teacher_is_noisy_only_where_it_should_be():
         row = t.data["row"]
         turns = teacher_turns(t, random.Random(0), biased)
         final = json.loads(turns[-1][len("<final_output>"):-len("</final_output>")])
-        diff = abs(int(row["weight"]) - int(row["expected"]))
-        border = diff in (1, 2)
+        border = int(row["deviation_kg"]) in (1, 2)
         assert (final["mechanical"] != t.expected["mechanical"]) == border
-        assert (final["serial"] != t.expected["serial"]) == (t.expected["serial"] == "mismatch")
+        assert (final["serial"] != t.expected["serial"]) == (row["registry"] in
+                                                             ("pending", "recalled"))
+        assert (final["electrical"] != t.expected["electrical"]) == (row["battery"] in
+                                                                     ("nominal", "degraded"))
         flipped += border
     assert 0 < flipped < len(tasks)
 

@@ -12,7 +12,9 @@ Domains:
   the sixth (``ready``) combines them. Borderline cases (a 1 kg vs a 2 kg difference, pressure
   equal to the minimum) are frequent, so copying a tool value never suffices.
 - ``preflight`` -- a compact aircraft check for tiny demo models (three tools, four fields, short
-  ids and codes that a word-level vocabulary holds as single tokens). Ids repeat across rows,
+  ids and codes that a word-level vocabulary holds as single tokens). Each check applies a rule
+  to a tool's value (a deviation threshold, status sets); borderline values (deviation 1 or 2,
+  ``nominal`` / ``degraded``, ``pending`` / ``recalled``) are frequent. Ids repeat across rows,
   so its tools answer from the episode's own row (``"rows": "task"`` in ``tool_map.json``).
 - ``loan_triage`` -- the answer is computed from tool outputs: a debt-to-income band and a
   decision from thresholds on that ratio, the credit score and recent defaults.
@@ -166,34 +168,30 @@ PREFLIGHT_SOP = """\
 Preflight check.
 
 For the aircraft (aircraft_id), call each tool once, then record:
-1. mechanical: inspect_mechanical; "pass" if the weight is within 1 of the expected weight,
-   otherwise "fail".
+1. mechanical: inspect_mechanical; "pass" if the weight deviation is at most 1 kg, otherwise
+   "fail".
 2. electrical: inspect_electrical; "pass" if the battery is "operational" or "nominal",
    otherwise "fail".
-3. serial: verify_serial; "match" if the installed serial equals the logged serial, otherwise
-   "mismatch".
+3. serial: verify_serial; "match" if the serial's registry status is "listed" or "pending",
+   otherwise ("recalled", "unlisted") "mismatch".
 4. ready: "yes" if mechanical and electrical are "pass" and serial is "match", otherwise "no".
 """
 
 PREFLIGHT_BATTERY = ("operational", "nominal", "degraded", "failed")
-PREFLIGHT_SERIALS = tuple(f"{c}{d}" for c in "ABCDEF" for d in range(10))
+PREFLIGHT_REGISTRY = ("listed", "pending", "recalled", "unlisted")
 
 
 def _preflight_row(rng: random.Random, i: int) -> dict[str, str]:
-    expected_w = rng.randint(60, 90)
-    diff = rng.choice([0, 0, 1, -1, 2, -2, 4, -5])
+    deviation = rng.choice([0, 0, 1, 1, 2, 2, 3, 5])
     battery = rng.choice(PREFLIGHT_BATTERY)
-    logged = rng.choice(PREFLIGHT_SERIALS)
-    installed = logged if rng.random() < 0.6 else \
-        f"{logged[0]}{(int(logged[1]) + rng.choice([1, 9])) % 10}"
-    mech = "pass" if abs(diff) <= 1 else "fail"
+    registry = rng.choice(PREFLIGHT_REGISTRY)
+    mech = "pass" if deviation <= 1 else "fail"
     elec = "pass" if battery in ("operational", "nominal") else "fail"
-    ser = "match" if installed == logged else "mismatch"
+    ser = "match" if registry in ("listed", "pending") else "mismatch"
     ready = "yes" if (mech, elec, ser) == ("pass", "pass", "match") else "no"
-    return {"aircraft_id": f"U{rng.randint(10, 49)}", "weight": str(expected_w + diff),
-            "expected": str(expected_w), "battery": battery, "installed": installed,
-            "logged": logged, "mechanical": mech, "electrical": elec, "serial": ser,
-            "ready": ready}
+    return {"aircraft_id": f"U{rng.randint(10, 49)}", "deviation_kg": str(deviation),
+            "battery": battery, "registry": registry, "mechanical": mech, "electrical": elec,
+            "serial": ser, "ready": ready}
 
 
 PREFLIGHT = dict(
@@ -202,11 +200,11 @@ PREFLIGHT = dict(
     inputs=["aircraft_id"],
     outputs=["mechanical", "electrical", "serial", "ready"],
     tools=[
-        ("inspect_mechanical", "Weighs the component; returns weight and expected weight.",
-         [("weight", "int"), ("expected", "int")]),
+        ("inspect_mechanical", "Weighs the component; returns its deviation from the expected "
+         "weight in kg.", [("deviation_kg", "int")]),
         ("inspect_electrical", "Reads the battery status.", [("battery", "str")]),
-        ("verify_serial", "Reads the installed and the logged serial.",
-         [("installed", "str"), ("logged", "str")]),
+        ("verify_serial", "Looks the installed serial up in the registry.",
+         [("registry", "str")]),
     ],
     row=_preflight_row,
     not_found="Aircraft {key} not found",
