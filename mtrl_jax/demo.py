@@ -8,10 +8,10 @@ strict task success.
 3. Warm-up (cached under ``$MTRL_DATA_DIR/demo/<hash>``, an HF checkpoint folder): supervised
    training of a random 2-layer model on trajectories of a *noisy teacher* run through the real
    agent loop: it calls the tools in random order, one per turn or all at once, sometimes skips
-   one (and then guesses), and in borderline cases (a deviation of 1 or 2 kg, a ``nominal`` or
-   ``degraded`` battery, a ``pending`` or ``recalled`` serial) gives the wrong answer with probability
-   ``teacher_bias``. The base therefore fails in several ways but has a foothold on every skill:
-   it samples the right answer in borderline cases some of the time.
+   one (and then guesses), and in borderline cases (a deviation of 1 or 2 kg, a ``nominal``
+   or ``degraded`` battery, a ``pending`` or ``recalled`` serial) gives the wrong answer with
+   probability ``teacher_bias``. The base therefore fails in several ways but has a foothold on
+   every skill: it samples the right answer in borderline cases some of the time.
 4. RL: :class:`~mtrl_jax.training.trainer.MultiTurnRLTrainer` with ``configs/demo_cpu.yaml``
    (LoRA on the warm base, GRPO, strict-aligned dense reward).
 5. The held-out test split (never trained on) is scored with the strict external evaluation

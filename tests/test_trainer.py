@@ -89,6 +89,10 @@ def test_resume_is_exact(tmp_path):
             assert (math.isnan(ca[k]) and math.isnan(cb[k])) or ca[k] == cb[k], k
     for x, y in zip(_lora_leaves(straight), _lora_leaves(second), strict=True):
         np.testing.assert_array_equal(x, y)
+    # each trainer logs to its own run folder's store (mlflow.set_tracking_uri exports
+    # MLFLOW_TRACKING_URI; the tracker must not let the first store capture later trainers)
+    assert "straight" in straight.tracker.uri and "resumed" in second.tracker.uri
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None
     # the resumed run continued the same MLflow run: 4 steps of metrics there
     client = second.tracker.client
     steps = sorted(m.step for m in client.get_metric_history(second.tracker.run_id,

@@ -44,7 +44,14 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.mlflow = mlflow
         self.uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
+        user_env = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(tracking_uri)  # traces go through the global URI
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI; keep the user's environment as it
+        # was, or a second trainer in this process would log into the first one's store
+        if user_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = user_env
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment_name)
         self.experiment_id = exp.experiment_id if exp else \
