@@ -81,6 +81,16 @@ def _code_version() -> str:
 BORDERLINE_BATTERY = ("nominal", "degraded")
 BORDERLINE_REGISTRY = ("pending", "recalled")
 
+#: (field, tool, borderline test on the task's row, (positive, negative) answer)
+TEACHER_CHECKS = (
+    ("mechanical", "inspect_mechanical", lambda r: int(r["deviation_kg"]) in (1, 2),
+     ("pass", "fail")),
+    ("electrical", "inspect_electrical", lambda r: r["battery"] in BORDERLINE_BATTERY,
+     ("pass", "fail")),
+    ("serial", "verify_serial", lambda r: r["registry"] in BORDERLINE_REGISTRY,
+     ("match", "mismatch")),
+)
+
 
 def teacher_turns(task, rng: random.Random, cfg: WarmupConfig) -> list[str]:
     """The noisy teacher's assistant turns for one preflight task (see the module doc)."""
@@ -96,30 +106,15 @@ def teacher_turns(task, rng: random.Random, cfg: WarmupConfig) -> list[str]:
         turns = calls
     else:
         turns = ["".join(calls)]
-    b = cfg.teacher_bias
-    truth = task.expected
-    diff = int(row["deviation_kg"])
     fields = {}
-    if "inspect_mechanical" in called:
-        flip = diff in (1, 2) and rng.random() < b
-        fields["mechanical"] = _flip(truth["mechanical"], ("pass", "fail")) if flip \
-            else truth["mechanical"]
-    else:
-        fields["mechanical"] = "pass"
-    if "inspect_electrical" in called:
-        flip = row["battery"] in BORDERLINE_BATTERY and rng.random() < b
-        fields["electrical"] = _flip(truth["electrical"], ("pass", "fail")) if flip \
-            else truth["electrical"]
-    else:
-        fields["electrical"] = "pass"
-    if "verify_serial" in called:
-        flip = row["registry"] in BORDERLINE_REGISTRY and rng.random() < b
-        fields["serial"] = _flip(truth["serial"], ("match", "mismatch")) if flip \
-            else truth["serial"]
-    else:
-        fields["serial"] = "match"
-    ok = (fields["mechanical"], fields["electrical"], fields["serial"]) == ("pass", "pass",
-                                                                             "match")
+    for field, tool, borderline, pair in TEACHER_CHECKS:
+        if tool not in called:
+            fields[field] = pair[0]  # a skipped tool: guess the common answer
+        elif borderline(row) and rng.random() < cfg.teacher_bias:
+            fields[field] = _flip(task.expected[field], pair)
+        else:
+            fields[field] = task.expected[field]
+    ok = all(fields[f] == pair[0] for f, _, _, pair in TEACHER_CHECKS)
     fields["ready"] = "yes" if ok else "no"
     return turns + [final_output_text(fields)]
 
