@@ -35,6 +35,7 @@ from mtrl_jax.envs.base import Environment, Task
 from mtrl_jax.envs.scoring import dense_reward, strict_score
 from mtrl_jax.envs.sop import SopDomain, SopEnvironment, load_sop_domain, oracle_calls
 from mtrl_jax.envs.sop_synth import DOMAINS as SYNTH_DOMAINS
+from mtrl_jax.envs.sop_synth import VERSIONS as SYNTH_VERSIONS
 from mtrl_jax.envs.sop_synth import generate_domain
 from mtrl_jax.envs.tools import tool
 from mtrl_jax.envs.verifiable import MathError, SQLiteSandbox, safe_eval
@@ -145,8 +146,10 @@ def data_dir() -> str:
 
 @lru_cache(maxsize=16)
 def synth_domain(name: str, seed: int = 0) -> SopDomain:
-    """The generated domain, written once per (name, seed) under :func:`data_dir`."""
-    folder = os.path.join(data_dir(), "sop_synth", f"{name}-seed{seed}")
+    """The generated domain, written once per (name, seed, generator version) under
+    :func:`data_dir`."""
+    folder = os.path.join(data_dir(), "sop_synth",
+                          f"{name}-seed{seed}-v{SYNTH_VERSIONS.get(name, 1)}")
     if not os.path.exists(os.path.join(folder, "tool_map.json")):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{name}-")

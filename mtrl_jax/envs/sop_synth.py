@@ -29,6 +29,8 @@ import random
 from collections.abc import Callable
 
 DOMAINS = ("aircraft_inspection", "loan_triage", "preflight")
+#: Bumped whenever a generator's output changes, so cached copies are regenerated.
+VERSIONS = {"aircraft_inspection": 1, "loan_triage": 1, "preflight": 3}
 
 
 def _spec(name: str, description: str, arg: str, arg_desc: str) -> dict:
