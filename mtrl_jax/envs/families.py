@@ -144,12 +144,15 @@ def data_dir() -> str:
         os.path.expanduser("~"), ".cache", "mtrl_jax")
 
 
-@lru_cache(maxsize=16)
 def synth_domain(name: str, seed: int = 0) -> SopDomain:
     """The generated domain, written once per (name, seed, generator version) under
     :func:`data_dir`."""
-    folder = os.path.join(data_dir(), "sop_synth",
-                          f"{name}-seed{seed}-v{SYNTH_VERSIONS.get(name, 1)}")
+    return _synth_domain(name, seed, data_dir())
+
+
+@lru_cache(maxsize=16)
+def _synth_domain(name: str, seed: int, root: str) -> SopDomain:
+    folder = os.path.join(root, "sop_synth", f"{name}-seed{seed}-v{SYNTH_VERSIONS.get(name, 1)}")
     if not os.path.exists(os.path.join(folder, "tool_map.json")):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{name}-")
