@@ -77,6 +77,7 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    simulated_tool_latency_s: float = 0.0  # added to every tool call (benchmarks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +103,28 @@ class AlgorithmSection:
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
-    tis_mode: Literal["none", "truncate", "mask"] = "none"
+    # auto: truncate when async_config.max_steps_off_policy > 0, else none
+    tis_mode: Literal["auto", "none", "truncate", "mask"] = "auto"
     tis_cap: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
 class AsyncSection:
+    """Asynchronous rollouts (see :mod:`mtrl_jax.rollout.worker`). Training step ``s`` only uses
+    episodes that started on policy version ``>= s - max_steps_off_policy``.
+
+    ``mode``: ``auto`` = synchronous in the trainer's process for k = 0, rollout worker
+    processes for k > 0; ``process`` = worker processes (also for k = 0: the synchronous
+    schedule, same metrics as ``auto``); ``inprocess`` = the asynchronous schedule in the
+    trainer's process (debugging; every step exactly k versions stale)."""
+
     max_steps_off_policy: int = 0
+    mode: Literal["auto", "process", "inprocess"] = "auto"
+    num_workers: int = 1
+    heartbeat_s: float = 1.0
+    heartbeat_timeout_s: float = 60.0
+    startup_timeout_s: float = 600.0
+    max_restarts: int = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +214,13 @@ def _check(c: TrainConfig) -> None:
     need(c.lora.lora_rank >= 1, "lora.lora_rank", "must be >= 1")
     need(c.async_config.max_steps_off_policy >= 0, "async_config.max_steps_off_policy",
          "must be >= 0")
-    need(c.async_config.max_steps_off_policy == 0, "async_config.max_steps_off_policy",
-         "the synchronous trainer runs k = 0 only (the asynchronous rollout process is not "
-         "built yet)")
+    ac = c.async_config
+    need(ac.num_workers >= 1, "async_config.num_workers", "must be >= 1")
+    need(ac.heartbeat_s > 0 and ac.heartbeat_timeout_s > ac.heartbeat_s,
+         "async_config.heartbeat_timeout_s", "must exceed heartbeat_s (> 0)")
+    need(ac.max_restarts >= 0, "async_config.max_restarts", "must be >= 0")
+    need(c.rollout.simulated_tool_latency_s >= 0, "rollout.simulated_tool_latency_s",
+         "must be >= 0")
     need(c.val_sampling_params.num_samples >= 0, "val_sampling_params.num_samples", ">= 0")
     need(len(c.packing.row_lengths) > 0 and all(x > 0 for x in c.packing.row_lengths),
          "packing.row_lengths", "needs positive lengths")

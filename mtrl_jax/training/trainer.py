@@ -22,7 +22,6 @@ KILLED.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
@@ -41,7 +40,6 @@ from flax import nnx
 from mtrl_jax.envs.base import Environment, Task
 from mtrl_jax.envs.families import load_tasks
 from mtrl_jax.envs.families import make_env as family_env
-from mtrl_jax.envs.scoring import strict_score
 from mtrl_jax.kernels import (
     ADVANTAGE_ESTIMATORS,
     GroupBasedParams,
@@ -54,16 +52,13 @@ from mtrl_jax.kernels import (
     policy_loss,
 )
 from mtrl_jax.kernels.losses import CISPOParams, PPOParams
-from mtrl_jax.models.checkpoint import export_peft_adapter, load_model, merge_lora, save_model
-from mtrl_jax.models.config import ModelConfig
-from mtrl_jax.models.decoding import SamplingParams
+from mtrl_jax.models.checkpoint import export_peft_adapter, merge_lora, save_model
 from mtrl_jax.models.logprobs import token_logprobs
-from mtrl_jax.models.lora import LoRAConfig, split_lora
-from mtrl_jax.models.tokenizer import build_byte_tokenizer, load_tokenizer
-from mtrl_jax.models.transformer import CausalLM
-from mtrl_jax.rollout.agent_loop import AgentLoop, AgentLoopConfig
-from mtrl_jax.rollout.jax_sampler import JaxSampler
+from mtrl_jax.models.lora import split_lora
+from mtrl_jax.rollout.agent_loop import AgentLoop
+from mtrl_jax.rollout.runner import RolloutRunner, base_fingerprint, build_policy
 from mtrl_jax.rollout.trajectory import Trajectory
+from mtrl_jax.rollout.worker import InProcessRolloutPool, ProcessRolloutPool
 from mtrl_jax.training.checkpointing import CheckpointError, Checkpoints
 from mtrl_jax.training.config import TrainConfig, flatten, load_config
 from mtrl_jax.training.lora_step import make_lora_train_step
@@ -71,24 +66,6 @@ from mtrl_jax.training.packing import Segment, pack
 from mtrl_jax.training.tracking import Tracker, default_tracking_uri
 
 __all__ = ["CheckpointError", "MultiTurnRLTrainer", "build_policy"]
-
-
-def build_policy(config: TrainConfig):
-    """``(tokenizer, model)`` with fresh LoRA adapters (``B = 0``: the base policy)."""
-    m, lo = config.model, config.lora
-    lora = LoRAConfig(rank=lo.lora_rank, alpha=lo.lora_alpha, targets=tuple(lo.targets))
-    if m.path is not None:
-        tokenizer = load_tokenizer(m.path)
-        model = load_model(m.path, lora=lora, seed=config.seed, dtype=m.dtype)
-        return tokenizer, model
-    if m.tokenizer != "byte":
-        raise ValueError(f"model.tokenizer={m.tokenizer!r} needs model.path (a checkpoint "
-                         "directory holding that tokenizer, e.g. the demo's warm-up output)")
-    tokenizer = build_byte_tokenizer()
-    cfg = ModelConfig(**{"model_type": "qwen2", "vocab_size": len(tokenizer),
-                         "max_position_embeddings": 4096, "dtype": m.dtype, **m.tiny})
-    model = CausalLM(cfg, lora, rngs=nnx.Rngs(config.seed))
-    return tokenizer, model
 
 
 def _loss_params(a) -> tuple[str, Any]:
@@ -166,23 +143,15 @@ class MultiTurnRLTrainer:
 
         # ---- rollouts
         r = c.rollout
-        stop = self.tokenizer.eos_token_id
-        self.sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                       max_tokens=r.sampling_max_tokens, stop_token_ids=(stop,))
-        self.slots = r.batch_size * r.group_size
         if r.max_context_tokens > max(c.packing.row_lengths):
             raise ValueError(f"rollout.max_context_tokens={r.max_context_tokens} exceeds the "
                              f"longest packing row {max(c.packing.row_lengths)}")
-        self.sampler = JaxSampler(self.model, self.sampling, slots=self.slots,
-                                  max_len=r.max_context_tokens, seed=c.seed)
-        self.loop = AgentLoop(self.tokenizer, self.sampler, AgentLoopConfig(
-            max_turns=r.max_turns, sampling_max_tokens=r.sampling_max_tokens,
-            max_context_tokens=r.max_context_tokens))
-        v = c.val_sampling_params
-        self.val_loop = AgentLoop(self.tokenizer, self.sampler, AgentLoopConfig(
-            max_turns=r.max_turns, sampling_max_tokens=v.sampling_max_tokens,
-            max_context_tokens=r.max_context_tokens))
-        self._aloop = asyncio.new_event_loop()
+        self.runner = RolloutRunner(c, self.tokenizer, self.model, self.make_env)
+        self.sampling = self.runner.sampling
+        self.slots = self.runner.slots
+        self.sampler = self.runner.sampler
+        self.loop, self.val_loop = self.runner.loop, self.runner.val_loop
+        self._pool = None  # the asynchronous rollout pool (train() starts it when configured)
 
         # ---- state, checkpoints, tracking
         self.step = 0
@@ -214,11 +183,13 @@ class MultiTurnRLTrainer:
         c = self.config
         a = c.algorithm
         name, params = _loss_params(a)
+        self._tis_mode = a.tis_mode if a.tis_mode != "auto" else (
+            "truncate" if c.async_config.max_steps_off_policy > 0 else "none")
         loss_cfg = LossConfig(aggregation=a.aggregation, kl_coef=a.kl_coef,
                               kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-                              tis=TISParams(mode=a.tis_mode, cap=a.tis_cap))
+                              tis=TISParams(mode=self._tis_mode, cap=a.tis_cap))
         use_ref = a.kl_coef > 0
-        use_tis = a.tis_mode != "none"
+        use_tis = self._tis_mode != "none"
         exact_entropy = a.entropy_coef > 0
 
         def loss_fn(model, batch):
@@ -259,46 +230,28 @@ class MultiTurnRLTrainer:
 
     # ------------------------------------------------------------------ rollouts
 
-    def _next_tasks(self) -> list[Task]:
-        n = len(self.train_tasks)
+    def _tasks_for(self, step: int, origin: tuple[int, int] | None = None) -> list[Task]:
+        """The tasks of training step ``step``: ``batch_size`` positions of the per-epoch
+        shuffled train split, counted from ``origin = (step, data_pos)`` (default: now)."""
+        n, b = len(self.train_tasks), self.config.rollout.batch_size
+        s0, p0 = origin if origin is not None else (self.step, self.data_pos)
+        start = p0 + (step - s0) * b
         out = []
-        for _ in range(self.config.rollout.batch_size):
-            epoch, i = divmod(self.data_pos, n)
+        for pos in range(start, start + b):
+            epoch, i = divmod(pos, n)
             perm = np.random.default_rng([self.config.seed, epoch]).permutation(n)
             out.append(self.train_tasks[int(perm[i])])
-            self.data_pos += 1
+        return out
+
+    def _next_tasks(self) -> list[Task]:
+        out = self._tasks_for(self.step)
+        self.data_pos += len(out)
         return out
 
     def run_episodes(self, tasks: Sequence[Task], n: int, key: jax.Array, *,
                      loop: AgentLoop | None = None, tag: str = "ep") -> list[Trajectory]:
-        """``n`` episodes per task, in lockstep rounds of at most ``slots`` episodes;
-        trajectories in task-major order with ``strict_score`` filled in."""
-        loop = loop or self.loop
-        jobs = [(t, k) for t in tasks for k in range(n)]
-        out: list[Trajectory] = []
-        for r0 in range(0, len(jobs), self.slots):
-            chunk = jobs[r0:r0 + self.slots]
-            ids = [f"{tag}/{t.id}#{k}" for t, k in chunk]
-            self.sampler.begin_round(ids, jax.random.fold_in(key, r0))
-            try:
-                async def go(chunk=chunk, ids=ids):
-                    return await asyncio.gather(*(
-                        loop.run(self._env(t), t, episode_id=e, group_id=t.id)
-                        for (t, _), e in zip(chunk, ids, strict=True)))
-
-                out += self._aloop.run_until_complete(go())
-            finally:
-                self.sampler.end_round()
-        for traj, (t, _) in zip(out, jobs, strict=True):
-            if t.expected:
-                traj.strict_score = strict_score(traj.final_text, t.expected)
-        return out
-
-    def _env(self, task: Task) -> Environment:
-        env = self.make_env(task)
-        if hasattr(env, "reward_kind"):  # SOP environments: dense or strict reward
-            env.reward_kind = self.config.data.reward
-        return env
+        """See :meth:`RolloutRunner.run_episodes`."""
+        return self.runner.run_episodes(tasks, n, key, loop=loop, tag=tag)
 
     # ------------------------------------------------------------------ one step
 
@@ -306,11 +259,21 @@ class MultiTurnRLTrainer:
         c, r = self.config, self.config.rollout
         step = self.step
         t0 = time.perf_counter()
-        tasks = self._next_tasks()
-        key = jax.random.fold_in(jax.random.key(c.seed), step)
-        self.sampler.policy_version = step
-        trajs = self.run_episodes(tasks, r.group_size, key, tag=f"s{step}")
+        async_metrics: dict[str, float] = {}
+        if self._pool is None:
+            tasks = self._next_tasks()
+            self.sampler.policy_version = step
+            trajs = self.runner.rollout_step(step, tasks)
+            info = {"worker": -1, "attempt": 0}
+        else:
+            admitted, async_metrics = self._pool.get(step)
+            tasks = self._next_tasks()
+            trajs, info = admitted.payload
+            info = {**info, "worker": admitted.worker, "attempt": admitted.attempt}
+            if [t.group_id for t in trajs[::r.group_size]] != [t.id for t in tasks]:
+                raise RuntimeError(f"step {step}: the rollout's tasks are not the step's tasks")
         t_roll = time.perf_counter() - t0
+        self._ledger(step, trajs, info)
 
         rewards = np.array([t.reward for t in trajs], np.float32).reshape(len(tasks), -1)
         valid = np.array([t.finish_reason != "error" for t in trajs]).reshape(rewards.shape)
@@ -326,6 +289,8 @@ class MultiTurnRLTrainer:
             jnp.asarray(rewards), jnp.asarray(adv), jnp.asarray(valid)).items()}
         metrics = self._rollout_metrics(trajs, rewards)
         metrics.update(diag)
+        metrics.update(self._staleness_metrics(trajs, step))
+        metrics.update(async_metrics)
 
         t1 = time.perf_counter()
         flat_adv = adv.reshape(-1)
@@ -351,10 +316,39 @@ class MultiTurnRLTrainer:
                 / max(t_train, 1e-9),
             "train/learning_rate": float(self.schedule(step)),
         })
+        if self._pool is not None:
+            self._pool.publish(step + 1, self.lora)
         self.step += 1
         for traj in trajs[:c.trace_samples_per_step]:
             self.tracker.log_trajectory(traj, step=step, kind="train")
         return metrics
+
+    def _staleness_metrics(self, trajs: list[Trajectory], step: int) -> dict[str, float]:
+        """Staleness of each episode used at ``step``: ``step`` minus the policy version its
+        first sampled token came from (0 = on-policy); per-token versions are in the samples."""
+        k = self.config.async_config.max_steps_off_policy
+        st = []
+        for t in trajs:
+            versions = [v for s in t.samples
+                        for v, m in zip(s.policy_version, s.loss_mask, strict=True) if m]
+            if versions:
+                st.append(step - min(versions))
+        if not st:
+            return {}
+        arr = np.asarray(st)
+        m = {"async/staleness/mean": float(arr.mean()), "async/staleness/max": float(arr.max())}
+        for j in range(k + 1):
+            m[f"async/staleness/hist_{j}"] = float(np.mean(arr == j))
+        return m
+
+    def _ledger(self, step: int, trajs: list[Trajectory], info: dict) -> None:
+        """One line per consumed step in ``rollout_ledger.jsonl``: which episodes (task sample
+        ids) training used, from which worker attempt and policy versions."""
+        rec = {"step": step, "worker": info.get("worker"), "attempt": info.get("attempt"),
+               "start_version": info.get("start_version"),
+               "episodes": [t.episode_id for t in trajs]}
+        with open(os.path.join(self.config.output_dir, "rollout_ledger.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _rollout_metrics(self, trajs: list[Trajectory], rewards: np.ndarray,
                          prefix: str = "rollout") -> dict[str, float]:
@@ -400,7 +394,7 @@ class MultiTurnRLTrainer:
                   "behaviour_logprobs": batch.behaviour_logprobs}
         # old (and reference) log-probs, one mini-batch shape at a time; with a single update
         # per step the old policy is the current one and the loss takes it from its own forward
-        need_old = self._updates_per_step > 1 or c.algorithm.tis_mode != "none"
+        need_old = self._updates_per_step > 1 or self._tis_mode != "none"
         olds, refs = [], []
         for i in range(o.mini_batches):
             sl = slice(i * mb_rows, (i + 1) * mb_rows)
@@ -520,6 +514,8 @@ class MultiTurnRLTrainer:
         try:
             if c.eval_interval and self.step == 0 and not self._has_val(0):
                 self._log_eval(self.evaluate("val", step=0))
+            if self.step < c.steps:
+                self._start_pool()
             while self.step < c.steps:
                 metrics = self.train_step()
                 step = self.step  # steps done
@@ -543,8 +539,39 @@ class MultiTurnRLTrainer:
             status = "FAILED"
             raise
         finally:
+            self._stop_pool()
             self.tracker.end(status)
         return self.history
+
+    def _start_pool(self) -> None:
+        """The asynchronous rollout pool, when the config asks for one (see ``async_config``)."""
+        a = self.config.async_config
+        mode = a.mode
+        if mode == "auto":
+            mode = "process" if a.max_steps_off_policy > 0 else None
+        if mode is None or self._pool is not None:
+            return
+        origin = (self.step, self.data_pos)  # fixed: the pool's thread calls it during steps
+
+        def tasks_for(step: int) -> list[Task]:
+            return self._tasks_for(step, origin)
+
+        if mode == "inprocess":
+            self._pool = InProcessRolloutPool(self.config, tasks_for, self.runner,
+                                              first_step=self.step, last_step=self.config.steps)
+        else:
+            self._pool = ProcessRolloutPool(
+                self.config, tasks_for,
+                make_env=None if self.make_env is family_env else self.make_env,
+                first_step=self.step, last_step=self.config.steps,
+                scratch_root=os.path.join(self.config.output_dir, "rollout_workers"),
+                base_fingerprint=base_fingerprint(self.model))
+        self._pool.start(self.step, self.lora)
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
 
     def _has_val(self, step: int) -> bool:
         hist = self.tracker.client.get_metric_history(self.tracker.run_id,
@@ -619,6 +646,6 @@ class MultiTurnRLTrainer:
         return out
 
     def close(self) -> None:
-        self._aloop.run_until_complete(self.sampler.close())
-        self._aloop.close()
+        self._stop_pool()
+        self.runner.close()
 

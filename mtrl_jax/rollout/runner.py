@@ -1,0 +1,156 @@
+"""The rollout side of a training run: sampler, agent loops and environments of one policy.
+
+The synchronous trainer and an asynchronous rollout worker run the same
+:meth:`RolloutRunner.rollout_step` -- one lockstep round of ``batch_size x group_size``
+episodes with the step's key -- so a worker at ``max_steps_off_policy = 0`` produces exactly
+the trajectories the synchronous trainer would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtrl_jax.envs.base import Environment, Task
+from mtrl_jax.envs.families import make_env as family_env
+from mtrl_jax.envs.scoring import strict_score
+from mtrl_jax.models.checkpoint import load_model
+from mtrl_jax.models.config import ModelConfig
+from mtrl_jax.models.decoding import SamplingParams
+from mtrl_jax.models.lora import LoRAConfig
+from mtrl_jax.models.tokenizer import build_byte_tokenizer, load_tokenizer
+from mtrl_jax.models.transformer import CausalLM
+from mtrl_jax.rollout.agent_loop import AgentLoop, AgentLoopConfig
+from mtrl_jax.rollout.jax_sampler import JaxSampler
+from mtrl_jax.rollout.trajectory import Trajectory
+
+
+def build_policy(config):
+    """``(tokenizer, model)`` of a run's config with fresh LoRA adapters (``B = 0``: the base
+    policy). Deterministic: a rollout worker rebuilds the same base from the config."""
+    m, lo = config.model, config.lora
+    lora = LoRAConfig(rank=lo.lora_rank, alpha=lo.lora_alpha, targets=tuple(lo.targets))
+    if m.path is not None:
+        tokenizer = load_tokenizer(m.path)
+        model = load_model(m.path, lora=lora, seed=config.seed, dtype=m.dtype)
+        return tokenizer, model
+    if m.tokenizer != "byte":
+        raise ValueError(f"model.tokenizer={m.tokenizer!r} needs model.path (a checkpoint "
+                         "directory holding that tokenizer, e.g. the demo's warm-up output)")
+    tokenizer = build_byte_tokenizer()
+    cfg = ModelConfig(**{"model_type": "qwen2", "vocab_size": len(tokenizer),
+                         "max_position_embeddings": 4096, "dtype": m.dtype, **m.tiny})
+    model = CausalLM(cfg, lora, rngs=nnx.Rngs(config.seed))
+    return tokenizer, model
+
+
+def base_fingerprint(model) -> float:
+    """A cheap checksum of the frozen base weights (sum of |w| over every leaf, in f32 per leaf,
+    added in f64): a rollout worker compares it with the trainer's to prove both hold the same
+    base before only LoRA weights travel between them."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    return float(sum(float(jnp.sum(jnp.abs(x.astype(jnp.float32))))
+                     for x in jax.tree.leaves(state)))
+
+
+class _ToolLatency(Environment):
+    """Adds a fixed delay to every tool call (benchmarks: simulated remote tools)."""
+
+    def __init__(self, env: Environment, seconds: float):
+        self._env = env
+        self._seconds = seconds
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    async def setup(self, task):
+        return await self._env.setup(task)
+
+    def tools(self):
+        return self._env.tools()
+
+    async def call_tool(self, call):
+        await asyncio.sleep(self._seconds)
+        return await self._env.call_tool(call)
+
+    def reward(self, episode):
+        return self._env.reward(episode)
+
+    async def teardown(self):
+        return await self._env.teardown()
+
+
+class RolloutRunner:
+    """Args:
+      config: the run's :class:`~mtrl_jax.training.config.TrainConfig`.
+      tokenizer, model: the policy (the sampler decodes with ``model``'s current LoRA weights).
+      make_env: ``make_env(task) -> Environment`` (default: the task family's).
+    """
+
+    def __init__(self, config, tokenizer, model, make_env: Callable[[Task], Environment] | None
+                 = None):
+        self.config = config
+        r = config.rollout
+        self.tokenizer = tokenizer
+        self.make_env = make_env or family_env
+        stop = tokenizer.eos_token_id
+        self.sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                       max_tokens=r.sampling_max_tokens, stop_token_ids=(stop,))
+        self.slots = r.batch_size * r.group_size
+        self.sampler = JaxSampler(model, self.sampling, slots=self.slots,
+                                  max_len=r.max_context_tokens, seed=config.seed)
+        self.loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig(
+            max_turns=r.max_turns, sampling_max_tokens=r.sampling_max_tokens,
+            max_context_tokens=r.max_context_tokens))
+        v = config.val_sampling_params
+        self.val_loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig(
+            max_turns=r.max_turns, sampling_max_tokens=v.sampling_max_tokens,
+            max_context_tokens=r.max_context_tokens))
+        self._aloop = asyncio.new_event_loop()
+
+    def env(self, task: Task) -> Environment:
+        env = self.make_env(task)
+        if hasattr(env, "reward_kind"):  # SOP environments: dense or strict reward
+            env.reward_kind = self.config.data.reward
+        latency = self.config.rollout.simulated_tool_latency_s
+        return _ToolLatency(env, latency) if latency > 0 else env
+
+    def run_episodes(self, tasks: Sequence[Task], n: int, key: jax.Array, *,
+                     loop: AgentLoop | None = None, tag: str = "ep") -> list[Trajectory]:
+        """``n`` episodes per task, in lockstep rounds of at most ``slots`` episodes;
+        trajectories in task-major order with ``strict_score`` filled in."""
+        loop = loop or self.loop
+        jobs = [(t, k) for t in tasks for k in range(n)]
+        out: list[Trajectory] = []
+        for r0 in range(0, len(jobs), self.slots):
+            chunk = jobs[r0:r0 + self.slots]
+            ids = [f"{tag}/{t.id}#{k}" for t, k in chunk]
+            self.sampler.begin_round(ids, jax.random.fold_in(key, r0))
+            try:
+                async def go(chunk=chunk, ids=ids):
+                    return await asyncio.gather(*(
+                        loop.run(self.env(t), t, episode_id=e, group_id=t.id)
+                        for (t, _), e in zip(chunk, ids, strict=True)))
+
+                out += self._aloop.run_until_complete(go())
+            finally:
+                self.sampler.end_round()
+        for traj, (t, _) in zip(out, jobs, strict=True):
+            if t.expected:
+                traj.strict_score = strict_score(traj.final_text, t.expected)
+        return out
+
+    def rollout_step(self, step: int, tasks: Sequence[Task]) -> list[Trajectory]:
+        """The rollout of training step ``step``: ``group_size`` episodes per task with the
+        step's key (``fold_in(key(seed), step)``), task-major."""
+        key = jax.random.fold_in(jax.random.key(self.config.seed), step)
+        return self.run_episodes(tasks, self.config.rollout.group_size, key, tag=f"s{step}")
+
+    def close(self) -> None:
+        if not self._aloop.is_closed():
+            self._aloop.run_until_complete(self.sampler.close())
+            self._aloop.close()

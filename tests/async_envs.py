@@ -1,0 +1,58 @@
+"""Picklable environments for the asynchronous-rollout tests (worker processes import this
+module by name)."""
+
+from __future__ import annotations
+
+import os
+
+from mtrl_jax.envs.base import Environment, Task
+from mtrl_jax.envs.sandbox import Resources
+
+
+class EvenBytes(Environment):
+    """Reward: the share of even byte values in the last assistant turn (varied for a random
+    policy, so advantages are non-zero)."""
+
+    def reward(self, episode):
+        text = next((m["content"] for m in reversed(episode.messages)
+                     if m["role"] == "assistant"), "")
+        data = text.encode()
+        r = sum(b % 2 == 0 for b in data) / max(1, len(data))
+        episode.update_reward(r, {"even": r})
+
+
+def make_even_env(task: Task) -> Environment:
+    return EvenBytes()
+
+
+class HoldsResources(EvenBytes):
+    """Like :class:`EvenBytes`, and each episode holds a temp folder and a ``sleep`` child
+    process until teardown (what a killed worker leaves behind)."""
+
+    async def setup(self, task):
+        self.res = Resources()
+        self.dir = self.res.temp_dir(prefix="mtrl_async_test_")
+        with open(os.path.join(self.dir, "marker"), "w") as f:
+            f.write(task.id)
+        await self.res.process("sleep", "300")
+
+    async def teardown(self):
+        await self.res.close()
+
+
+def make_resource_env(task: Task) -> Environment:
+    return HoldsResources()
+
+
+class FailsInWorker(EvenBytes):
+    def reward(self, episode):
+        raise KeyboardInterrupt("boom from the reward")  # not caught by the agent loop
+
+
+def make_failing_env(task: Task) -> Environment:
+    return FailsInWorker()
+
+
+def tasks(split: str, n: int) -> list[Task]:
+    return [Task(id=f"{split}{i}", family="custom", name="even", prompt=f"Say {i}.",
+                 split=split) for i in range(n)]
