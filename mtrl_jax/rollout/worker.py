@@ -44,7 +44,9 @@ set) or silent past the heartbeat timeout is noticed by the pool's monitor threa
 fraction of a second (or the timeout), its processes -- including environment children, found by
 the ``MTRL_ROLLOUT_WORKER`` token in their environment -- are killed, its scratch folder (the
 worker's ``TMPDIR``: sandboxes and SQLite files live there) is removed, and a new worker takes
-its steps. Workers die with the trainer: ``PR_SET_PDEATHSIG`` on Linux, EOF on the weight pipe
+its steps. Workers share a persistent XLA compilation cache (``<output_dir>/xla_cache`` unless
+``JAX_COMPILATION_CACHE_DIR`` is set), so a replacement starts in seconds. Workers die with the
+trainer: ``PR_SET_PDEATHSIG`` on Linux, EOF on the weight pipe
 otherwise, and :meth:`ProcessRolloutPool.close` (run by the trainer on every exit path and at
 interpreter exit).
 
@@ -256,6 +258,8 @@ class ProcessRolloutPool:
         self.tasks_for = tasks_for
         self.make_env = make_env
         self.scratch_root = scratch_root
+        self.compile_cache = os.path.join(os.path.dirname(os.path.abspath(scratch_root)),
+                                          "xla_cache")
         self.fingerprint = base_fingerprint
         self.log = log or (lambda msg: print(f"[mtrl] {msg}", file=sys.stderr, flush=True))
         self.sched = StalenessScheduler(a.max_steps_off_policy, first_step, last_step)
@@ -373,6 +377,9 @@ class ProcessRolloutPool:
         spec = WorkerSpec(wid, self.config, self.make_env, scratch, token, os.getpid(),
                           self.config.async_config.heartbeat_s)
         env = {**os.environ, "MTRL_ROLLOUT_WORKER": token}
+        # a restarted worker reads its compiled programs back instead of compiling again
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", self.compile_cache)
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         proc = subprocess.Popen(
             [sys.executable, "-c", "from mtrl_jax.rollout.worker import _entry; _entry()",
              str(cmd_r), str(out_w)], pass_fds=(cmd_r, out_w), env=env,

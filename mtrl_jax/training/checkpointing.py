@@ -43,6 +43,8 @@ class Checkpoints:
         leaves = jax.tree.leaves(tree)
         arrays = {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
         meta = dict(meta, num_leaves=len(leaves))
+        if step in self.mngr.all_steps():  # a fresh run (resume=False) over an old folder
+            self.mngr.delete(step)
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
         self.mngr.wait_until_finished()

@@ -1,0 +1,203 @@
+"""Asynchronous rollouts end to end: worker processes, staleness, faults, no orphans.
+
+A tiny random byte-level model (tests/test_trainer.py's) on picklable environments
+(tests/async_envs.py) so worker processes can rebuild them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from mtrl_jax.rollout.worker import RolloutWorkerError
+from mtrl_jax.training.trainer import MultiTurnRLTrainer
+from tests.async_envs import make_even_env, make_failing_env, make_resource_env, tasks
+from tests.test_trainer import TINY
+
+_TIMING = ("time/", "throughput/", "async/wait_s", "async/worker_rollout_s", "async/ready_ahead")
+
+
+def make(tmp_path, name, steps, extra=(), make_env=make_even_env):
+    return MultiTurnRLTrainer(
+        overrides=TINY + [f"steps={steps}", f"output_dir={tmp_path / name}", *extra],
+        train_tasks=tasks("train", 6), val_tasks=tasks("val", 2), make_env=make_env,
+        verbose=False, resume=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _tagged_pids(prefix: str) -> list[int]:
+    """Processes whose environment carries a rollout-worker token starting with ``prefix``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(e.startswith(f"MTRL_ROLLOUT_WORKER={prefix}".encode()) for e in env) \
+                and _alive(int(name)):
+            out.append(int(name))
+    return out
+
+
+def _ledger(trainer):
+    with open(os.path.join(trainer.config.output_dir, "rollout_ledger.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _expected_episodes(trainer, step):
+    g = trainer.config.rollout.group_size
+    return [f"s{step}/{t.id}#{j}" for t in trainer._tasks_for(step, (0, 0)) for j in range(g)]
+
+
+def test_k0_worker_process_equals_synchronous_trainer(tmp_path):
+    sync = make(tmp_path, "sync", 4)
+    a = sync.train()
+    sync.close()
+    proc = make(tmp_path, "proc", 4, ["async_config.mode=process"])
+    pool_pids = []
+    orig = proc._start_pool
+
+    def spy():
+        orig()
+        pool_pids.extend(proc._pool.pids)
+
+    proc._start_pool = spy
+    b = proc.train()
+    proc.close()
+    assert len(a) == len(b) == 4
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        keys = [k for k in x if not k.startswith(_TIMING)]
+        assert len(keys) > 30
+        for k in keys:
+            assert x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]), (step, k, x[k], y[k])
+        assert y["async/staleness/max"] == 0.0
+    assert pool_pids and not any(_alive(p) for p in pool_pids)  # stopped on a normal exit
+    assert [r["step"] for r in _ledger(proc)] == [0, 1, 2, 3]
+
+
+def test_inprocess_mode_trains_exactly_k_stale_with_tis(tmp_path):
+    t = make(tmp_path, "inproc", 4, ["async_config.mode=inprocess",
+                                     "async_config.max_steps_off_policy=2"])
+    hist = t.train()
+    t.close()
+    assert [m["async/staleness/max"] for m in hist] == [0.0, 1.0, 2.0, 2.0]
+    assert hist[-1]["async/staleness/hist_2"] == 1.0
+    # auto TIS: behaviour (sampler) vs trainer log-probs of stale data differ
+    assert hist[0]["train/is_weight_max"] == pytest.approx(1.0, abs=1e-4)
+    assert hist[-1]["train/is_weight_max"] > 1.0001
+    assert "train/is_clip_frac" in hist[-1]
+
+
+def test_sigkilled_worker_is_replaced_and_no_sample_is_lost_or_reused(tmp_path):
+    steps, k = 6, 1
+    t = make(tmp_path, "kill", steps, ["async_config.max_steps_off_policy=1",
+                                       "eval_interval=0", "checkpoint_interval=0"],
+             make_env=make_resource_env)
+    kills: list[int] = []
+    stop = threading.Event()
+    rng = random.Random(0)
+
+    def killer():
+        while not stop.is_set() and len(kills) < 3:
+            pool = t._pool
+            ready = [w for w in (pool.workers.values() if pool else []) if w.ready]
+            if ready and ready[0].pid not in kills:
+                time.sleep(rng.uniform(0.1, 0.6))  # somewhere inside a rollout (setup 0.4 s)
+                try:
+                    os.kill(ready[0].pid, signal.SIGKILL)
+                    kills.append(ready[0].pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    hist = t.train()
+    stop.set()
+    th.join()
+    t.close()
+    assert len(kills) == 3
+    assert hist[-1]["async/worker_restarts"] >= 3
+    assert hist[-1]["async/requeued_steps"] >= 1  # in-flight episodes ran again
+    ledger = _ledger(t)
+    assert [r["step"] for r in ledger] == list(range(steps))  # none lost, none twice
+    for r in ledger:
+        assert r["episodes"] == _expected_episodes(t, r["step"])
+        assert r["step"] - r["start_version"] <= k
+    assert max(r["attempt"] for r in ledger) >= 1
+    # the killed workers' environment resources are gone: sleep children and temp folders
+    assert _tagged_pids(f"{os.getpid()}-") == []
+    scratch = os.path.join(t.config.output_dir, "rollout_workers")
+    assert not os.path.exists(scratch) or os.listdir(scratch) == []
+
+
+def test_worker_exception_reaches_trainer_with_traceback(tmp_path):
+    t = make(tmp_path, "fail", 3, ["async_config.max_steps_off_policy=1", "eval_interval=0"],
+             make_env=make_failing_env)
+    with pytest.raises(RolloutWorkerError) as e:
+        t.train()
+    msg = str(e.value)
+    assert "Traceback" in msg and "no fixture for task" in msg and "make_failing_env" in msg
+    assert t.tracker.client.get_run(t.tracker.run_id).info.status == "FAILED"
+    t.close()
+    time.sleep(0.5)
+    assert _tagged_pids(f"{os.getpid()}-") == []
+
+
+def test_unimportable_make_env_is_refused_with_advice(tmp_path):
+    t = MultiTurnRLTrainer(overrides=TINY + ["steps=1", f"output_dir={tmp_path / 'x'}",
+                                             "async_config.max_steps_off_policy=1"],
+                           train_tasks=tasks("train", 2), make_env=lambda task: None,
+                           verbose=False)
+    with pytest.raises(ValueError, match="inprocess"):
+        t.train()
+    t.close()
+
+
+def test_no_worker_outlives_a_sigkilled_trainer(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from tests.test_async import make
+        from pathlib import Path
+        t = make(Path({str(tmp_path)!r}), "orphan", 1000,
+                 ["async_config.max_steps_off_policy=2", "eval_interval=0"])
+        t.train()
+    """)
+    trainer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        workers = []
+        while time.time() < deadline and not workers:
+            workers = _tagged_pids(f"{trainer.pid}-")
+            time.sleep(0.2)
+        assert workers, "the trainer never started a worker"
+        time.sleep(3.0)  # let it run
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+        t0 = time.time()
+        while time.time() - t0 < 10 and any(_alive(p) for p in workers):
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), "a rollout worker outlived its trainer"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
