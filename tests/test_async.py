@@ -73,12 +73,13 @@ def test_k0_worker_process_equals_synchronous_trainer(tmp_path):
     a = sync.train()
     sync.close()
     proc = make(tmp_path, "proc", 4, ["async_config.mode=process"])
-    pool_pids = []
+    pool_pids, pools = [], []
     orig = proc._start_pool
 
     def spy():
         orig()
         pool_pids.extend(proc._pool.pids)
+        pools.append(proc._pool)
 
     proc._start_pool = spy
     b = proc.train()
@@ -91,6 +92,14 @@ def test_k0_worker_process_equals_synchronous_trainer(tmp_path):
             assert x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]), (step, k, x[k], y[k])
         assert y["async/staleness/max"] == 0.0
     assert pool_pids and not any(_alive(p) for p in pool_pids)  # stopped on a normal exit
+    # only LoRA weights travel, once per version (0 at start, then after each step)
+    import jax
+
+    sent = pools[0].weights_sent
+    assert [(w, v) for w, v, _ in sent] == [(0, v) for v in range(5)]
+    lora_floats = sum(x.size for x in jax.tree.leaves(proc.lora))
+    base_floats = sum(x.size for x in jax.tree.leaves(proc.base))
+    assert all(n == lora_floats for _, _, n in sent) and lora_floats < base_floats
     assert [r["step"] for r in _ledger(proc)] == [0, 1, 2, 3]
 
 
@@ -113,6 +122,7 @@ def test_sigkilled_worker_is_replaced_and_no_sample_is_lost_or_reused(tmp_path):
                                        "eval_interval=0", "checkpoint_interval=0"],
              make_env=make_resource_env)
     kills: list[int] = []
+    kill_times: list[float] = []
     stop = threading.Event()
     rng = random.Random(0)
 
@@ -123,6 +133,7 @@ def test_sigkilled_worker_is_replaced_and_no_sample_is_lost_or_reused(tmp_path):
             if ready and ready[0].pid not in kills:
                 time.sleep(rng.uniform(0.1, 0.6))  # somewhere inside a rollout (setup 0.4 s)
                 try:
+                    kill_times.append(time.time())
                     os.kill(ready[0].pid, signal.SIGKILL)
                     kills.append(ready[0].pid)
                 except ProcessLookupError:
@@ -131,11 +142,23 @@ def test_sigkilled_worker_is_replaced_and_no_sample_is_lost_or_reused(tmp_path):
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
+    pools = []
+    orig = t._start_pool
+
+    def spy():
+        orig()
+        pools.append(t._pool)
+
+    t._start_pool = spy
     hist = t.train()
     stop.set()
     th.join()
     t.close()
     assert len(kills) == 3
+    deaths = pools[0].deaths
+    assert len(deaths) == 3 and all("SIGKILL" in why for _, why, _ in deaths)
+    for killed_at, (_, _, noticed_at) in zip(kill_times, deaths, strict=True):
+        assert noticed_at - killed_at < 5.0  # noticed within seconds
     assert hist[-1]["async/worker_restarts"] >= 3
     assert hist[-1]["async/requeued_steps"] >= 1  # in-flight episodes ran again
     ledger = _ledger(t)

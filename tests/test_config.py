@@ -55,6 +55,11 @@ def test_misspelt_key_names_path_and_closest(override, expected):
     ("algorithm.advantage_method=grpo2", "algorithm.advantage_method"),
     ("data.system_prompt=maybe", "data.system_prompt"),
     ("optimizer.learning_rate=-1", "optimizer.learning_rate"),
+    ("async_config.max_steps_off_policy=-1", "async_config.max_steps_off_policy"),
+    ("async_config.num_workers=0", "async_config.num_workers"),
+    ("async_config.mode=threads", "async_config.mode"),
+    ("async_config.heartbeat_timeout_s=0.5", "async_config.heartbeat_timeout_s"),
+    ("rollout.simulated_tool_latency_s=-1", "rollout.simulated_tool_latency_s"),
     ("steps", "key=value"),
 ])
 def test_bad_values_are_named(override, fragment):

@@ -87,3 +87,41 @@ def test_multi_turn_continuation_reuses_the_slot_and_matches_full_forward():
             np.testing.assert_allclose(lps, full[start:start + len(lps)], atol=5e-4)
     # each slot held only the unseen suffix each turn: at most ~3 decode calls per round
     assert sampler.calls <= 9
+
+
+def test_weights_loaded_before_a_decode_call_apply_to_later_turns():
+    """Partial rollouts: weights swapped between two turns of one episode; the second turn
+    records the new version and samples from the new adapters (cached KV of earlier tokens is
+    kept, as in-flight weight updates do)."""
+    import jax
+
+    def run(swap: bool):
+        model = CausalLM(CFG, LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+        lora = nnx.state(model, nnx.LoRAParam).to_pure_dict()
+        new = jax.tree.map(lambda x: np.asarray(x) + 0.5, lora)
+        sampler = JaxSampler(model, SamplingParams(temperature=1.0, stop_token_ids=(IM_END,)),
+                             slots=2, max_len=256, seed=0)
+        calls = []
+
+        def hook():
+            calls.append(sampler.policy_version)
+            if swap and len(calls) == 2:
+                sampler.update_weights(new, 1)
+
+        sampler.before_decode = hook
+        prompt = TOK.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+        async def go():
+            r1 = await sampler.sample("e", prompt, 8)
+            more = prompt + r1.tokens + TOK.encode("\n<|im_start|>user\nagain<|im_end|>\n")
+            r2 = await sampler.sample("e", more, 8)
+            await sampler.close()
+            return r1, r2
+
+        return asyncio.run(go())
+
+    (a1, a2), (b1, b2) = run(False), run(True)
+    assert (a1.policy_version, a2.policy_version) == (0, 0)
+    assert (b1.policy_version, b2.policy_version) == (0, 1)
+    assert a1.logprobs == b1.logprobs  # the first turn is untouched
+    assert a2.logprobs != b2.logprobs  # the second sampled from the new adapters

@@ -66,6 +66,9 @@ class JaxSampler:
         self.batch_wait_s = batch_wait_s
         self.min_bucket = min_bucket
         self.policy_version = policy_version
+        # called on the decode thread before every decode call (a rollout worker's partial
+        # rollouts load newer weights there; the turns that follow carry the new version)
+        self.before_decode = None
         self.key = jax.random.key(seed)
         self.calls = 0
         self.cache = init_cache(model.cfg, slots, max_len)
@@ -209,6 +212,8 @@ class JaxSampler:
                     req.future.set_result(res)
 
     def _decode(self, batch: list[_Request]) -> list[SampleResult]:
+        if self.before_decode is not None:
+            self.before_decode()
         width = bucket_length(max(len(r.new_tokens) for r in batch), self.min_bucket)
         inputs = np.zeros((self.slots, width), np.int32)
         num_inputs = np.zeros((self.slots,), np.int32)

@@ -163,11 +163,18 @@ def worker_main(spec: WorkerSpec, cmd_conn, out_conn) -> None:
             os._exit(1)  # the trainer is gone
 
     inbox: queue.Queue = queue.Queue()
+    weights_lock = threading.Lock()
+    latest: list = [None]  # the newest ("weights", version, lora) message received
 
     def reader() -> None:  # drains the command pipe so the trainer never blocks on a send
         try:
             while True:
-                inbox.put(cmd_conn.recv())
+                msg = cmd_conn.recv()
+                if msg[0] == "weights":
+                    with weights_lock:
+                        latest[0] = msg
+                else:
+                    inbox.put(msg)
         except (EOFError, OSError):
             os._exit(1)  # the trainer is gone
 
@@ -184,30 +191,31 @@ def worker_main(spec: WorkerSpec, cmd_conn, out_conn) -> None:
 
         tokenizer, model = build_policy(spec.config)
         runner = RolloutRunner(spec.config, tokenizer, model, spec.make_env)
+        runner.sampler.policy_version = -1  # the trainer's first weights always load
         send(("ready", os.getpid(), base_fingerprint(model), time.perf_counter() - t0))
-        pending: list = []
+
+        def load_newest() -> None:
+            with weights_lock:
+                msg = latest[0]
+            if msg is not None and msg[1] > runner.sampler.policy_version:
+                runner.sampler.update_weights(msg[2], msg[1])
+
+        if spec.config.async_config.partial_rollouts:
+            runner.sampler.before_decode = load_newest
         while True:
-            pending.append(inbox.get())
-            while True:  # everything that has arrived: the newest weights win
-                try:
-                    pending.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
-            if any(m[0] == "stop" for m in pending):
+            msg = inbox.get()
+            if msg[0] == "stop":
                 break
-            weights = [m for m in pending if m[0] == "weights"]
-            if weights:
-                _, version, lora = weights[-1]
-                runner.sampler.update_weights(lora, version)
-            pending = [m for m in pending if m[0] == "work"]
-            if not pending:
-                continue
-            _, step, attempt, tasks = pending.pop(0)
+            _, step, attempt, tasks = msg
+            # weights travel before the work that needs them, and the reader thread keeps
+            # their order: the newest weights here are at least the step's minimum version
+            load_newest()
             t1 = time.perf_counter()
             v0 = runner.sampler.policy_version
             trajs = runner.rollout_step(step, tasks)
             send(("result", step, attempt, trajs,
                   {"start_version": start_version(trajs), "dispatch_version": v0,
+                   "end_version": runner.sampler.policy_version,
                    "seconds": time.perf_counter() - t1}))
         runner.close()
     except BaseException:
@@ -265,7 +273,7 @@ class ProcessRolloutPool:
         self.sched = StalenessScheduler(a.max_steps_off_policy, first_step, last_step)
         self.workers: dict[int, _Worker] = {}
         self.restarts = 0
-        self.deaths: list[tuple[int, str]] = []  # (worker id, why)
+        self.deaths: list[tuple[int, str, float]] = []  # (worker id, why, time.time())
         self.failure: BaseException | None = None
         self._weights: tuple[int, dict] | None = None
         self._next_id = 0
@@ -273,7 +281,7 @@ class ProcessRolloutPool:
         self._cond = threading.Condition(self._lock)
         self._closed = False
         self._monitor: threading.Thread | None = None
-        self._worker_seconds: list[float] = []
+        self.weights_sent: list[tuple[int, int, int]] = []  # (worker, version, floats)
         if make_env is not None:
             import pickle
 
@@ -308,7 +316,7 @@ class ProcessRolloutPool:
             self._weights = (version, lora)
             self.sched.publish(version)
             for w in list(self.workers.values()):
-                self._send(w, ("weights", version, lora))
+                self._send_weights(w)
             self._dispatch()
 
     def get(self, step: int, timeout_s: float | None = None) -> tuple[Admitted, dict]:
@@ -391,11 +399,17 @@ class ProcessRolloutPool:
                     Connection(out_r, writable=False), scratch, token, now, now)
         self.workers[wid] = w
         self.sched.add_worker(wid)
-        version, lora = self._weights
         self._send(w, [p for p in sys.path if p])
         self._send(w, spec)
-        self._send(w, ("weights", version, lora))
+        self._send_weights(w)
         return w
+
+    def _send_weights(self, w: _Worker) -> None:
+        import jax
+
+        version, lora = self._weights
+        self._send(w, ("weights", version, lora))
+        self.weights_sent.append((w.wid, version, sum(x.size for x in jax.tree.leaves(lora))))
 
     def _send(self, w: _Worker, msg, quiet: bool = False) -> None:
         try:
@@ -484,7 +498,7 @@ class ProcessRolloutPool:
         except (subprocess.TimeoutExpired, ValueError):
             pass
         lost = self.sched.worker_died(w.wid)
-        self.deaths.append((w.wid, why))
+        self.deaths.append((w.wid, why, time.time()))
         self._reap(w)
         self.restarts += 1
         limit = self.config.async_config.max_restarts

@@ -120,6 +120,9 @@ class AsyncSection:
 
     max_steps_off_policy: int = 0
     mode: Literal["auto", "process", "inprocess"] = "auto"
+    # a worker loads weights that arrive mid-rollout before its next decode call (the
+    # episode's later turns record the newer version); admission still counts the start
+    partial_rollouts: bool = False
     num_workers: int = 1
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 60.0

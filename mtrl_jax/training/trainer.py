@@ -394,7 +394,7 @@ class MultiTurnRLTrainer:
                   "behaviour_logprobs": batch.behaviour_logprobs}
         # old (and reference) log-probs, one mini-batch shape at a time; with a single update
         # per step the old policy is the current one and the loss takes it from its own forward
-        need_old = self._updates_per_step > 1 or self._tis_mode != "none"
+        need_old = self._updates_per_step > 1
         olds, refs = [], []
         for i in range(o.mini_batches):
             sl = slice(i * mb_rows, (i + 1) * mb_rows)

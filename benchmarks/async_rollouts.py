@@ -1,0 +1,96 @@
+"""Wall time of N demo training steps with asynchronous rollouts, k = max_steps_off_policy.
+
+    python benchmarks/async_rollouts.py --steps 16 --ks 0 1 2 --latencies 0 0.1
+
+For every (simulated tool latency, k) pair: the demo recipe (configs/demo_cpu.yaml on the
+cached warm-up base; built on first use, ~6 min) trains N steps from the same start, then plays
+the validation split greedily. k = 0 is the synchronous trainer (rollouts and updates in turn,
+one process); k >= 1 runs the rollouts in a worker process that generates up to k steps ahead.
+Worker start-up is inside the measured wall time. Reported: wall seconds, seconds per step,
+the speedup over the first --ks value (k = 0) at the same latency, measured side by side in
+this run; validation strict task success with its standard error; the staleness trained on.
+Results go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+
+
+def main() -> None:
+    from mtrl_jax.runtime import reexec_with_fast_malloc
+
+    reexec_with_fast_malloc()  # workers inherit the setting (mtrl_jax/runtime.py)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--latencies", type=float, nargs="+", default=[0.0, 0.1],
+                    help="simulated seconds per tool call")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/async_rollouts.json")
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides (key=value)")
+    args = ap.parse_args()
+
+    from mtrl_jax.demo import DEMO_RECIPE, warmup
+    from mtrl_jax.training.trainer import MultiTurnRLTrainer
+
+    base = warmup()
+    rows = []
+    work = tempfile.mkdtemp(prefix="mtrl_async_bench_")
+    for lat in args.latencies:
+        for k in args.ks:
+            out_dir = os.path.join(work, f"lat{lat}-k{k}")
+            t = MultiTurnRLTrainer(DEMO_RECIPE, overrides=[
+                f"model.path={base}", f"seed={args.seed}", f"output_dir={out_dir}",
+                f"steps={args.steps}", "eval_interval=0", "checkpoint_interval=0",
+                f"rollout.simulated_tool_latency_s={lat}",
+                f"async_config.max_steps_off_policy={k}", *args.overrides],
+                resume=False, verbose=False, tracking_uri=f"sqlite:///{out_dir}/mlflow.db")
+            t0 = time.perf_counter()
+            hist = t.train()
+            wall = time.perf_counter() - t0
+            val = t.evaluate("val", log_traces=False)
+            t.close()
+            succ = val["val/task_success_rate"]
+            n_val = len(t.val_tasks)
+            row = {
+                "latency_s": lat, "k": k, "steps": args.steps, "wall_s": wall,
+                "s_per_step": wall / args.steps,
+                "s_per_step_after_first": sum(m["time/step_s"] for m in hist[1:])
+                / max(1, len(hist) - 1),
+                "val_success": succ, "val_success_se": math.sqrt(succ * (1 - succ) / n_val),
+                "val_sampled_success": val.get("val/sampled_task_success_rate"),
+                "train_reward_last4": sum(m["rollout/reward/mean"] for m in hist[-4:]) / 4,
+                "staleness_mean": sum(m.get("async/staleness/mean", 0.0) for m in hist)
+                / len(hist),
+                "rollout_wait_s": sum(m.get("async/wait_s", m["time/rollout_s"])
+                                      for m in hist),
+                "train_s": sum(m["time/train_s"] for m in hist),
+            }
+            rows.append(row)
+            print(f"latency {lat * 1e3:>4.0f} ms  k={k}  wall {wall:7.1f} s  "
+                  f"({row['s_per_step']:.2f} s/step)  val success {succ:.3f} "
+                  f"+- {row['val_success_se']:.3f}  staleness {row['staleness_mean']:.2f}",
+                  flush=True)
+    for r in rows:
+        ref = next(x for x in rows if x["latency_s"] == r["latency_s"] and x["k"] == args.ks[0])
+        r["speedup"] = ref["wall_s"] / r["wall_s"]
+    print("\nlatency  k   wall_s  speedup  val_success")
+    for r in rows:
+        print(f"{r['latency_s'] * 1e3:5.0f}ms  {r['k']}  {r['wall_s']:7.1f}  "
+              f"{r['speedup']:6.2f}x  {r['val_success']:.3f}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
+                   "cpus": os.cpu_count(), "args": vars(args), "rows": rows}, f, indent=2)
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
