@@ -119,6 +119,7 @@ def test_inprocess_mode_trains_exactly_k_stale_with_tis(tmp_path):
 def test_sigkilled_worker_is_replaced_and_no_sample_is_lost_or_reused(tmp_path):
     steps, k = 6, 1
     t = make(tmp_path, "kill", steps, ["async_config.max_steps_off_policy=1",
+                                       "async_config.partial_rollouts=true",
                                        "eval_interval=0", "checkpoint_interval=0"],
              make_env=make_resource_env)
     kills: list[int] = []
