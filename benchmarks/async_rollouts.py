@@ -1,14 +1,18 @@
 """Wall time of N demo training steps with asynchronous rollouts, k = max_steps_off_policy.
 
-    python benchmarks/async_rollouts.py --steps 16 --ks 0 1 2 --latencies 0 0.1
+    python benchmarks/async_rollouts.py --steps 30 --ks 0 1 2 --latencies 0 0.1
 
-For every (simulated tool latency, k) pair: the demo recipe (configs/demo_cpu.yaml on the
-cached warm-up base; built on first use, ~6 min) trains N steps from the same start, then plays
-the validation split greedily. k = 0 is the synchronous trainer (rollouts and updates in turn,
-one process); k >= 1 runs the rollouts in a worker process that generates up to k steps ahead.
-Worker start-up is inside the measured wall time. Reported: wall seconds, seconds per step,
-the speedup over the first --ks value (k = 0) at the same latency, measured side by side in
-this run; validation strict task success with its standard error; the staleness trained on.
+For every (simulated tool latency, k) pair, in a fresh process: the demo recipe
+(configs/demo_cpu.yaml on the cached warm-up base; built on first use, ~6 min) trains N steps
+from the same start, then plays the validation split greedily. k = 0 is the synchronous
+trainer (rollouts and updates in turn, one process); k >= 1 runs the rollouts in a worker
+process that generates up to k steps ahead; worker start-up is inside the measured wall time.
+Every process (trainer and workers) shares one persistent XLA compilation cache, warmed by a
+discarded short run first (``--cold`` skips that, so compile time is inside every figure).
+
+Reported: wall seconds, seconds per step (also without the first step), the speedup over the
+first ``--ks`` value at the same latency (configurations run one after another in this
+invocation), validation strict task success with its standard error, the staleness trained on.
 Results go to ``--out`` as JSON.
 """
 
@@ -19,8 +23,42 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
+
+
+def run_one(lat: float, k: int, steps: int, seed: int, overrides: list[str]) -> dict:
+    """One configuration, in this (fresh) process."""
+    from mtrl_jax.demo import DEMO_RECIPE, warmup
+    from mtrl_jax.training.trainer import MultiTurnRLTrainer
+
+    base = warmup(verbose=False)
+    out_dir = tempfile.mkdtemp(prefix=f"mtrl_async_bench_lat{lat}_k{k}_")
+    t = MultiTurnRLTrainer(DEMO_RECIPE, overrides=[
+        f"model.path={base}", f"seed={seed}", f"output_dir={out_dir}", f"steps={steps}",
+        "eval_interval=0", "checkpoint_interval=0", f"rollout.simulated_tool_latency_s={lat}",
+        f"async_config.max_steps_off_policy={k}", *overrides],
+        resume=False, verbose=False, tracking_uri=f"sqlite:///{out_dir}/mlflow.db")
+    t0 = time.perf_counter()
+    hist = t.train()
+    wall = time.perf_counter() - t0
+    val = t.evaluate("val", log_traces=False)
+    t.close()
+    succ = val["val/task_success_rate"]
+    n_val = len(t.val_tasks)
+    return {
+        "latency_s": lat, "k": k, "steps": steps, "wall_s": wall, "s_per_step": wall / steps,
+        "s_per_step_after_first": sum(m["time/step_s"] for m in hist[1:]) / max(1, steps - 1),
+        "val_success": succ, "val_success_se": math.sqrt(succ * (1 - succ) / n_val),
+        "val_sampled_success": val.get("val/sampled_task_success_rate"),
+        "train_reward_last4": sum(m["rollout/reward/mean"] for m in hist[-4:]) / 4,
+        "staleness_mean": sum(m.get("async/staleness/mean", 0.0) for m in hist) / len(hist),
+        "rollout_wait_s": sum(m.get("async/wait_s", m["time/rollout_s"]) for m in hist),
+        "train_s": sum(m["time/train_s"] for m in hist),
+        "is_weight_max": max(m.get("train/is_weight_max", 1.0) for m in hist),
+    }
 
 
 def main() -> None:
@@ -34,48 +72,47 @@ def main() -> None:
                     help="simulated seconds per tool call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/async_rollouts.json")
+    ap.add_argument("--one", nargs=2, type=float, metavar=("LATENCY", "K"),
+                    help="run one configuration in this process (used by the driver)")
+    ap.add_argument("--cold", action="store_true",
+                    help="skip warming the persistent compilation cache (compiles are timed)")
+    ap.add_argument("--compile-cache", default=None)
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides (key=value)")
     args = ap.parse_args()
 
-    from mtrl_jax.demo import DEMO_RECIPE, warmup
-    from mtrl_jax.training.trainer import MultiTurnRLTrainer
+    if args.one is not None:
+        lat, k = args.one
+        print("RESULT " + json.dumps(run_one(lat, int(k), args.steps, args.seed,
+                                             args.overrides)), flush=True)
+        return
+    from mtrl_jax.demo import warmup
 
-    base = warmup()
+    warmup()  # build the demo base once (cached)
+    cache = args.compile_cache or tempfile.mkdtemp(prefix="mtrl_async_bench_xla_")
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+    def one(lat: float, k: int, steps: int) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--one", str(lat), str(k),
+                              "--steps", str(steps), "--seed", str(args.seed),
+                              *args.overrides], env=env, capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if out.returncode != 0 or line is None:
+            raise SystemExit(f"config latency={lat} k={k} failed:\n{out.stderr[-4000:]}")
+        return json.loads(line[len("RESULT "):])
+
+    if not args.cold:  # every process then starts from the same warm compilation cache
+        print("warming the compilation cache (k = 0 and k = 1, 2 steps, discarded)", flush=True)
+        for k in sorted({0, max(1, max(args.ks))}):
+            one(args.latencies[0], k, 2)
     rows = []
-    work = tempfile.mkdtemp(prefix="mtrl_async_bench_")
     for lat in args.latencies:
         for k in args.ks:
-            out_dir = os.path.join(work, f"lat{lat}-k{k}")
-            t = MultiTurnRLTrainer(DEMO_RECIPE, overrides=[
-                f"model.path={base}", f"seed={args.seed}", f"output_dir={out_dir}",
-                f"steps={args.steps}", "eval_interval=0", "checkpoint_interval=0",
-                f"rollout.simulated_tool_latency_s={lat}",
-                f"async_config.max_steps_off_policy={k}", *args.overrides],
-                resume=False, verbose=False, tracking_uri=f"sqlite:///{out_dir}/mlflow.db")
-            t0 = time.perf_counter()
-            hist = t.train()
-            wall = time.perf_counter() - t0
-            val = t.evaluate("val", log_traces=False)
-            t.close()
-            succ = val["val/task_success_rate"]
-            n_val = len(t.val_tasks)
-            row = {
-                "latency_s": lat, "k": k, "steps": args.steps, "wall_s": wall,
-                "s_per_step": wall / args.steps,
-                "s_per_step_after_first": sum(m["time/step_s"] for m in hist[1:])
-                / max(1, len(hist) - 1),
-                "val_success": succ, "val_success_se": math.sqrt(succ * (1 - succ) / n_val),
-                "val_sampled_success": val.get("val/sampled_task_success_rate"),
-                "train_reward_last4": sum(m["rollout/reward/mean"] for m in hist[-4:]) / 4,
-                "staleness_mean": sum(m.get("async/staleness/mean", 0.0) for m in hist)
-                / len(hist),
-                "rollout_wait_s": sum(m.get("async/wait_s", m["time/rollout_s"])
-                                      for m in hist),
-                "train_s": sum(m["time/train_s"] for m in hist),
-            }
+            row = one(lat, k, args.steps)
             rows.append(row)
-            print(f"latency {lat * 1e3:>4.0f} ms  k={k}  wall {wall:7.1f} s  "
-                  f"({row['s_per_step']:.2f} s/step)  val success {succ:.3f} "
+            print(f"latency {lat * 1e3:>4.0f} ms  k={k}  wall {row['wall_s']:7.1f} s  "
+                  f"({row['s_per_step']:.2f} s/step, {row['s_per_step_after_first']:.2f} after "
+                  f"the first)  val success {row['val_success']:.3f} "
                   f"+- {row['val_success_se']:.3f}  staleness {row['staleness_mean']:.2f}",
                   flush=True)
     for r in rows:

@@ -188,13 +188,29 @@ def test_worker_exception_reaches_trainer_with_traceback(tmp_path):
 
 
 def test_unimportable_make_env_is_refused_with_advice(tmp_path):
-    t = MultiTurnRLTrainer(overrides=TINY + ["steps=1", f"output_dir={tmp_path / 'x'}",
+    with pytest.raises(ValueError, match="inprocess"):
+        MultiTurnRLTrainer(overrides=TINY + ["steps=1", f"output_dir={tmp_path / 'x'}",
                                              "async_config.max_steps_off_policy=1"],
                            train_tasks=tasks("train", 2), make_env=lambda task: None,
                            verbose=False)
-    with pytest.raises(ValueError, match="inprocess"):
-        t.train()
-    t.close()
+
+
+def test_a_failed_constructor_stops_the_workers_it_launched(tmp_path, monkeypatch):
+    from mtrl_jax.rollout import worker
+
+    launched = []
+    orig = worker.ProcessRolloutPool.launch
+
+    def launch(self):
+        orig(self)
+        launched.extend(w.proc.pid for w in self.workers.values())
+
+    monkeypatch.setattr(worker.ProcessRolloutPool, "launch", launch)
+    with pytest.raises(ValueError, match="max_context_tokens"):
+        make(tmp_path, "bad", 2, ["async_config.max_steps_off_policy=1",
+                                  "rollout.max_context_tokens=4096"])
+    assert launched and not any(_alive(p) for p in launched)
+    assert _tagged_pids(f"{os.getpid()}-") == []
 
 
 def test_no_worker_outlives_a_sigkilled_trainer(tmp_path):

@@ -44,8 +44,9 @@ set) or silent past the heartbeat timeout is noticed by the pool's monitor threa
 fraction of a second (or the timeout), its processes -- including environment children, found by
 the ``MTRL_ROLLOUT_WORKER`` token in their environment -- are killed, its scratch folder (the
 worker's ``TMPDIR``: sandboxes and SQLite files live there) is removed, and a new worker takes
-its steps. Workers share a persistent XLA compilation cache (``<output_dir>/xla_cache`` unless
-``JAX_COMPILATION_CACHE_DIR`` is set), so a replacement starts in seconds. Workers die with the
+its steps. Workers share a persistent XLA compilation cache (``$MTRL_DATA_DIR/xla_cache`` unless
+``JAX_COMPILATION_CACHE_DIR`` is set), so a replacement -- or the next run's worker -- starts
+without compiling again. Workers die with the
 trainer: ``PR_SET_PDEATHSIG`` on Linux, EOF on the weight pipe
 otherwise, and :meth:`ProcessRolloutPool.close` (run by the trainer on every exit path and at
 interpreter exit).
@@ -242,35 +243,37 @@ class _Worker:
     ready: bool = False
     pid: int | None = None
     startup_s: float | None = None
+    fingerprint: float | None = None
 
 
 class ProcessRolloutPool:
     """Rollout worker processes behind a :class:`StalenessScheduler`.
 
+    Two phases: :meth:`launch` starts the processes (they boot, build the base model and wait),
+    so a trainer launches them first thing and they boot while it builds its own state;
+    :meth:`start` then hands over the schedule and the first weights.
+
     Args:
       config: the run's TrainConfig (``async_config`` holds k, the worker count and timeouts).
-      tasks_for: ``tasks_for(step)`` -> that step's tasks.
       make_env: picklable ``make_env(task)`` (a module-level function) or None (task family).
-      first_step, last_step: the steps this pool serves.
       scratch_root: folder for the workers' scratch folders.
-      base_fingerprint: the trainer's :func:`base_fingerprint` (workers must match it).
       log: progress/fault messages.
     """
 
-    def __init__(self, config, tasks_for: Callable[[int], Sequence], *,
-                 make_env: Callable | None, first_step: int, last_step: int, scratch_root: str,
-                 base_fingerprint: float | None = None,
+    def __init__(self, config, *, make_env: Callable | None, scratch_root: str,
                  log: Callable[[str], None] | None = None):
         a = config.async_config
         self.config = config
-        self.tasks_for = tasks_for
+        self.tasks_for: Callable[[int], Sequence] | None = None
         self.make_env = make_env
         self.scratch_root = scratch_root
-        self.compile_cache = os.path.join(os.path.dirname(os.path.abspath(scratch_root)),
-                                          "xla_cache")
-        self.fingerprint = base_fingerprint
+        from mtrl_jax.envs.families import data_dir
+
+        self.compile_cache = os.path.join(data_dir(), "xla_cache")
+        self.fingerprint: float | None = None
+        self.started = False
         self.log = log or (lambda msg: print(f"[mtrl] {msg}", file=sys.stderr, flush=True))
-        self.sched = StalenessScheduler(a.max_steps_off_policy, first_step, last_step)
+        self.sched = StalenessScheduler(a.max_steps_off_policy, 0, 0)  # replaced by start()
         self.workers: dict[int, _Worker] = {}
         self.restarts = 0
         self.deaths: list[tuple[int, str, float]] = []  # (worker id, why, time.time())
@@ -298,16 +301,36 @@ class ProcessRolloutPool:
 
     # ------------------------------------------------------------------ trainer API
 
-    def start(self, version: int, lora_state) -> None:
+    def launch(self) -> None:
+        """Start the worker processes (idempotent); they boot and wait for :meth:`start`."""
         with self._lock:
-            self._weights = (version, lora_to_numpy(lora_state))
-            self.sched.publish(version)
+            if self._monitor is not None:
+                return
             for _ in range(self.config.async_config.num_workers):
                 self._spawn()
-            self._dispatch()
         self._monitor = threading.Thread(target=self._run_monitor, daemon=True,
                                          name="mtrl-rollout-monitor")
         self._monitor.start()
+
+    def start(self, version: int, lora_state, *, tasks_for: Callable[[int], Sequence],
+              first_step: int, last_step: int, base_fingerprint: float | None = None) -> None:
+        """Serve steps ``first_step .. last_step - 1`` (``tasks_for(step)`` -> the step's
+        tasks) from policy ``version``; workers must hold the base with ``base_fingerprint``."""
+        self.launch()
+        with self._lock:
+            self.started = True
+            self.tasks_for = tasks_for
+            self.fingerprint = base_fingerprint
+            self.sched = StalenessScheduler(self.config.async_config.max_steps_off_policy,
+                                            first_step, last_step)
+            self.sched.publish(version)
+            self._weights = (version, lora_to_numpy(lora_state))
+            for w in self.workers.values():
+                self.sched.add_worker(w.wid)
+                self._send_weights(w)
+                if w.fingerprint is not None:
+                    self._check_fingerprint(w)
+            self._dispatch()
 
     def publish(self, version: int, lora_state) -> None:
         """A new policy version: its LoRA weights go to every live worker (once)."""
@@ -398,10 +421,11 @@ class ProcessRolloutPool:
         w = _Worker(wid, proc, Connection(cmd_w, readable=False),
                     Connection(out_r, writable=False), scratch, token, now, now)
         self.workers[wid] = w
-        self.sched.add_worker(wid)
+        self.sched.add_worker(wid)  # (before start(): a placeholder schedule that serves none)
         self._send(w, [p for p in sys.path if p])
         self._send(w, spec)
-        self._send_weights(w)
+        if self._weights is not None:  # started: a replacement gets the current weights
+            self._send_weights(w)
         return w
 
     def _send_weights(self, w: _Worker) -> None:
@@ -466,14 +490,9 @@ class ProcessRolloutPool:
         if kind == "heartbeat":
             return
         if kind == "ready":
-            _, w.pid, fp, w.startup_s = msg
+            _, w.pid, w.fingerprint, w.startup_s = msg
             w.ready = True
-            if self.fingerprint is not None and not np.isclose(fp, self.fingerprint,
-                                                               rtol=1e-6, atol=0.0):
-                self.failure = RolloutWorkerError(
-                    f"rollout worker {w.wid} built a different base model (weight checksum "
-                    f"{fp!r} vs the trainer's {self.fingerprint!r}): the base must be "
-                    "reproducible from the config (model.path or the seeded tiny model)")
+            self._check_fingerprint(w)
             return
         if kind == "result":
             _, step, attempt, trajs, info = msg
@@ -487,6 +506,14 @@ class ProcessRolloutPool:
             self._reap(w)
             return
         self.failure = RolloutWorkerError(f"unknown message from worker {w.wid}: {kind!r}")
+
+    def _check_fingerprint(self, w: _Worker) -> None:
+        if self.fingerprint is not None and not np.isclose(w.fingerprint, self.fingerprint,
+                                                           rtol=1e-6, atol=0.0):
+            self.failure = RolloutWorkerError(
+                f"rollout worker {w.wid} built a different base model (weight checksum "
+                f"{w.fingerprint!r} vs the trainer's {self.fingerprint!r}): the base must be "
+                "reproducible from the config (model.path or the seeded tiny model)")
 
     def _died(self, w: _Worker, why: str) -> None:
         if self.workers.pop(w.wid, None) is None:
@@ -568,8 +595,10 @@ class InProcessRolloutPool:
                                         last_step)
         self.sched.add_worker(0)
         self.restarts = 0
+        self.started = False
 
     def start(self, version: int, lora_state=None) -> None:
+        self.started = True
         self.publish(version, lora_state)
 
     def publish(self, version: int, lora_state=None) -> None:

@@ -124,7 +124,18 @@ class MultiTurnRLTrainer:
         self._test_tasks = test_tasks
         if not self.train_tasks:
             raise ValueError("no training tasks")
+        self._pool = None  # asynchronous rollouts (see async_config)
+        if c.steps > 0:
+            self._launch_workers()
 
+        try:
+            self._build(tracking_uri, resume)
+        except BaseException:
+            self._stop_pool()  # workers launched above must not outlive a failed constructor
+            raise
+
+    def _build(self, tracking_uri: str | None, resume: bool | str) -> None:
+        c = self.config
         # ---- model, optimizer, step function
         self.tokenizer, self.model = build_policy(c)
         self.graphdef, self.lora, self.base = split_lora(self.model)
@@ -151,7 +162,6 @@ class MultiTurnRLTrainer:
         self.slots = self.runner.slots
         self.sampler = self.runner.sampler
         self.loop, self.val_loop = self.runner.loop, self.runner.val_loop
-        self._pool = None  # the asynchronous rollout pool (train() starts it when configured)
 
         # ---- state, checkpoints, tracking
         self.step = 0
@@ -260,6 +270,7 @@ class MultiTurnRLTrainer:
         step = self.step
         t0 = time.perf_counter()
         async_metrics: dict[str, float] = {}
+        self._start_pool()
         if self._pool is None:
             tasks = self._next_tasks()
             self.sampler.policy_version = step
@@ -544,12 +555,15 @@ class MultiTurnRLTrainer:
         return self.history
 
     def _start_pool(self) -> None:
-        """The asynchronous rollout pool, when the config asks for one (see ``async_config``)."""
+        """The asynchronous rollout pool, when the config asks for one (see ``async_config``);
+        a no-op once started."""
+        if self._pool is not None and self._pool.started:
+            return
         a = self.config.async_config
         mode = a.mode
         if mode == "auto":
             mode = "process" if a.max_steps_off_policy > 0 else None
-        if mode is None or self._pool is not None:
+        if mode is None:
             return
         origin = (self.step, self.data_pos)  # fixed: the pool's thread calls it during steps
 
@@ -559,14 +573,23 @@ class MultiTurnRLTrainer:
         if mode == "inprocess":
             self._pool = InProcessRolloutPool(self.config, tasks_for, self.runner,
                                               first_step=self.step, last_step=self.config.steps)
-        else:
+            self._pool.start(self.step, self.lora)
+            return
+        if self._pool is None:
+            self._launch_workers()
+        self._pool.start(self.step, self.lora, tasks_for=tasks_for, first_step=self.step,
+                         last_step=self.config.steps,
+                         base_fingerprint=base_fingerprint(self.model))
+
+    def _launch_workers(self) -> None:
+        """Start rollout worker processes now (when the config asks for them): they boot and
+        build the base while the trainer builds its own state."""
+        a = self.config.async_config
+        if a.mode == "process" or (a.mode == "auto" and a.max_steps_off_policy > 0):
             self._pool = ProcessRolloutPool(
-                self.config, tasks_for,
-                make_env=None if self.make_env is family_env else self.make_env,
-                first_step=self.step, last_step=self.config.steps,
-                scratch_root=os.path.join(self.config.output_dir, "rollout_workers"),
-                base_fingerprint=base_fingerprint(self.model))
-        self._pool.start(self.step, self.lora)
+                self.config, make_env=None if self.make_env is family_env else self.make_env,
+                scratch_root=os.path.join(self.config.output_dir, "rollout_workers"))
+            self._pool.launch()
 
     def _stop_pool(self) -> None:
         if self._pool is not None:
