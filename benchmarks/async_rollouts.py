@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--latencies", type=float, nargs="+", default=[0.0, 0.1],
                     help="simulated seconds per tool call")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="rollout worker counts tried at the largest k (1 worker elsewhere)")
     ap.add_argument("--out", default="benchmarks/results/async_rollouts.json")
     ap.add_argument("--one", nargs=2, type=float, metavar=("LATENCY", "K"),
                     help="run one configuration in this process (used by the driver)")
@@ -92,14 +94,15 @@ def main() -> None:
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
-    def one(lat: float, k: int, steps: int) -> dict:
+    def one(lat: float, k: int, steps: int, workers: int = 1) -> dict:
         out = subprocess.run([sys.executable, __file__, "--one", str(lat), str(k),
                               "--steps", str(steps), "--seed", str(args.seed),
-                              *args.overrides], env=env, capture_output=True, text=True)
+                              *args.overrides, f"async_config.num_workers={workers}"],
+                             env=env, capture_output=True, text=True)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if out.returncode != 0 or line is None:
             raise SystemExit(f"config latency={lat} k={k} failed:\n{out.stderr[-4000:]}")
-        return json.loads(line[len("RESULT "):])
+        return {**json.loads(line[len("RESULT "):]), "workers": workers if k > 0 else 0}
 
     if not args.cold:  # every process then starts from the same warm compilation cache
         print("warming the compilation cache (k = 0 and k = 1, 2 steps, discarded)", flush=True)
@@ -107,10 +110,13 @@ def main() -> None:
             one(args.latencies[0], k, 2)
     rows = []
     for lat in args.latencies:
-        for k in args.ks:
-            row = one(lat, k, args.steps)
+        configs = [(kk, w) for kk in args.ks
+                   for w in (args.workers if kk == max(args.ks) and kk > 0 else [1])]
+        for k, workers in configs:
+            row = one(lat, k, args.steps, workers)
             rows.append(row)
-            print(f"latency {lat * 1e3:>4.0f} ms  k={k}  wall {row['wall_s']:7.1f} s  "
+            print(f"latency {lat * 1e3:>4.0f} ms  k={k}  workers={row['workers']}  "
+                  f"wall {row['wall_s']:7.1f} s  "
                   f"({row['s_per_step']:.2f} s/step, {row['s_per_step_after_first']:.2f} after "
                   f"the first)  val success {row['val_success']:.3f} "
                   f"+- {row['val_success_se']:.3f}  staleness {row['staleness_mean']:.2f}",
@@ -118,10 +124,14 @@ def main() -> None:
     for r in rows:
         ref = next(x for x in rows if x["latency_s"] == r["latency_s"] and x["k"] == args.ks[0])
         r["speedup"] = ref["wall_s"] / r["wall_s"]
-    print("\nlatency  k   wall_s  speedup  val_success")
+    print("\nlatency  k  workers   wall_s  speedup  s/step>1  steady speedup  val_success")
     for r in rows:
-        print(f"{r['latency_s'] * 1e3:5.0f}ms  {r['k']}  {r['wall_s']:7.1f}  "
-              f"{r['speedup']:6.2f}x  {r['val_success']:.3f}")
+        ref = next(x for x in rows if x["latency_s"] == r["latency_s"] and x["k"] == args.ks[0])
+        r["steady_speedup"] = ref["s_per_step_after_first"] / r["s_per_step_after_first"]
+        print(f"{r['latency_s'] * 1e3:5.0f}ms  {r['k']}  {r['workers']:>7}  {r['wall_s']:7.1f}  "
+              f"{r['speedup']:6.2f}x  {r['s_per_step_after_first']:8.2f}  "
+              f"{r['steady_speedup']:13.2f}x  {r['val_success']:.3f} +- "
+              f"{r['val_success_se']:.3f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),

@@ -241,3 +241,37 @@ def test_no_worker_outlives_a_sigkilled_trainer(tmp_path):
     finally:
         if trainer.poll() is None:
             trainer.kill()
+
+
+def test_a_hung_worker_is_replaced_after_the_heartbeat_timeout(tmp_path):
+    t = make(tmp_path, "hung", 3, ["async_config.max_steps_off_policy=1", "eval_interval=0",
+                                   "checkpoint_interval=0", "async_config.heartbeat_s=0.5",
+                                   "async_config.heartbeat_timeout_s=3"],
+             make_env=make_resource_env)
+    stopped: list[int] = []
+
+    def freezer():
+        while not stopped:
+            pool = t._pool
+            ready = [w for w in (pool.workers.values() if pool else []) if w.ready]
+            if ready:
+                os.kill(ready[0].pid, signal.SIGSTOP)  # alive, but silent
+                stopped.append(ready[0].pid)
+            time.sleep(0.05)
+
+    pools = []
+    orig = t._start_pool
+
+    def spy():
+        orig()
+        pools.append(t._pool)
+
+    t._start_pool = spy
+    th = threading.Thread(target=freezer, daemon=True)
+    th.start()
+    hist = t.train()
+    th.join()
+    t.close()
+    assert len(hist) == 3 and not _alive(stopped[0])
+    assert any("heartbeat" in why for _, why, _ in pools[0].deaths)
+    assert [r["step"] for r in _ledger(t)] == [0, 1, 2]

@@ -239,7 +239,7 @@ class _Worker:
     token: str
     started: float
     last_seen: float
-    send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    outbox: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     ready: bool = False
     pid: int | None = None
     startup_s: float | None = None
@@ -420,6 +420,8 @@ class ProcessRolloutPool:
         now = time.time()
         w = _Worker(wid, proc, Connection(cmd_w, readable=False),
                     Connection(out_r, writable=False), scratch, token, now, now)
+        threading.Thread(target=self._sender, args=(w,), daemon=True,
+                         name=f"mtrl-rollout-sender-{wid}").start()
         self.workers[wid] = w
         self.sched.add_worker(wid)  # (before start(): a placeholder schedule that serves none)
         self._send(w, [p for p in sys.path if p])
@@ -436,12 +438,20 @@ class ProcessRolloutPool:
         self.weights_sent.append((w.wid, version, sum(x.size for x in jax.tree.leaves(lora))))
 
     def _send(self, w: _Worker, msg, quiet: bool = False) -> None:
-        try:
-            with w.send_lock:
+        """Queue ``msg`` for ``w``'s sender thread: a worker that stopped reading (hung, or
+        its pipe full) never blocks the trainer or the monitor."""
+        w.outbox.put(msg)
+
+    @staticmethod
+    def _sender(w: _Worker) -> None:
+        while True:
+            msg = w.outbox.get()
+            if msg is None:
+                return
+            try:
                 w.cmd.send(msg)
-        except (BrokenPipeError, OSError):
-            if not quiet:
-                pass  # the monitor notices the death on the other pipe
+            except (BrokenPipeError, OSError, ValueError):
+                return  # the worker is gone; the monitor notices on the other pipe
 
     def _dispatch(self) -> None:
         for a in self.sched.dispatch():
@@ -550,6 +560,7 @@ class ProcessRolloutPool:
         except subprocess.TimeoutExpired:
             pass
         kill_tagged_processes(w.token)
+        w.outbox.put(None)  # ends the sender thread (its blocked send fails on the dead pipe)
         for c in (w.cmd, w.out):
             try:
                 c.close()
