@@ -1,8 +1,8 @@
 """``mtrl``: the command line, thin over the Python API.
 
 Commands: ``train`` (a recipe plus ``key.sub=value`` overrides), ``demo`` (the CPU demo end to
-end), ``env-check``. (``eval``, ``report``, ``reward-audit`` and ``doctor`` arrive with the
-evaluator.)
+end), ``env-check``, ``doctor`` (known failure patterns in a run's metrics). (``eval``,
+``report`` and ``reward-audit`` arrive with the evaluator.)
 """
 
 from __future__ import annotations
@@ -65,6 +65,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from mtrl_jax.evaluation.doctor import diagnose, load_history
+
+    try:
+        history, run_id = load_history(args.run, args.tracking_uri)
+    except FileNotFoundError as e:
+        print(f"mtrl doctor: {e}", file=sys.stderr)
+        return 2
+    findings = diagnose(history)
+    if args.json:
+        print(json.dumps({"run_id": run_id, "findings": [f.to_dict() for f in findings]},
+                         indent=1))
+        return 1 if findings else 0
+    steps = max((len(v) for v in history.values()), default=0)
+    print(f"run {run_id}: {len(history)} metrics, up to {steps} points each")
+    if not findings:
+        print("no known failure pattern found")
+    for f in findings:
+        print(f"\n[{f.name}] {f.seen}\n  first change: {f.first_change}\n"
+              f"  confirm with: {f.confirm}")
+    return 1 if findings else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrl", description="mtrl_jax: multi-turn agentic RL "
                                 "of language models in JAX.")
@@ -94,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="overrides of configs/demo_cpu.yaml")
     de.set_defaults(fn=_demo)
+
+    do = sub.add_parser("doctor", help="name known failure patterns in a run's MLflow metrics, "
+                        "with the first thing to change")
+    do.add_argument("run", help="a run folder (its mlflow.db) or an MLflow run id")
+    do.add_argument("--tracking-uri", default=None,
+                    help="MLflow store for a run id (default: $MLFLOW_TRACKING_URI)")
+    do.add_argument("--json", action="store_true")
+    do.set_defaults(fn=_doctor)
     return p
 
 

@@ -55,3 +55,12 @@ def make_failing_env(task: Task) -> Environment:
 def tasks(split: str, n: int) -> list[Task]:
     return [Task(id=f"{split}{i}", family="custom", name="even", prompt=f"Say {i}.",
                  split=split) for i in range(n)]
+
+
+class BrokenSetup(EvenBytes):
+    async def setup(self, task):
+        raise RuntimeError("the sandbox image is missing")
+
+
+def make_broken_setup_env(task: Task) -> Environment:
+    return BrokenSetup()

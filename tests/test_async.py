@@ -20,7 +20,13 @@ import pytest
 
 from mtrl_jax.rollout.worker import RolloutWorkerError
 from mtrl_jax.training.trainer import MultiTurnRLTrainer
-from tests.async_envs import make_even_env, make_failing_env, make_resource_env, tasks
+from tests.async_envs import (
+    make_broken_setup_env,
+    make_even_env,
+    make_failing_env,
+    make_resource_env,
+    tasks,
+)
 from tests.test_trainer import TINY
 
 _TIMING = ("time/", "throughput/", "async/wait_s", "async/worker_rollout_s", "async/ready_ahead")
@@ -275,3 +281,13 @@ def test_a_hung_worker_is_replaced_after_the_heartbeat_timeout(tmp_path):
     assert len(hist) == 3 and not _alive(stopped[0])
     assert any("heartbeat" in why for _, why, _ in pools[0].deaths)
     assert [r["step"] for r in _ledger(t)] == [0, 1, 2]
+
+
+def test_steps_whose_episodes_all_fail_early_are_admitted_not_rerun_forever(tmp_path):
+    """No sampled token, no version on the trajectories: the dispatch version counts."""
+    t = make(tmp_path, "broken", 2, ["async_config.max_steps_off_policy=1", "eval_interval=0"],
+             make_env=make_broken_setup_env)
+    hist = t.train()
+    t.close()
+    assert len(hist) == 2 and all(m["rollout/error_frac"] == 1.0 for m in hist)
+    assert hist[-1]["async/rejected_results"] == 0.0

@@ -214,8 +214,9 @@ def worker_main(spec: WorkerSpec, cmd_conn, out_conn) -> None:
             t1 = time.perf_counter()
             v0 = runner.sampler.policy_version
             trajs = runner.rollout_step(step, tasks)
+            sv = start_version(trajs)  # -1: no episode sampled anything (all failed early)
             send(("result", step, attempt, trajs,
-                  {"start_version": start_version(trajs), "dispatch_version": v0,
+                  {"start_version": sv if sv >= 0 else v0, "dispatch_version": v0,
                    "end_version": runner.sampler.policy_version,
                    "seconds": time.perf_counter() - t1}))
         runner.close()
@@ -618,7 +619,8 @@ class InProcessRolloutPool:
         for a in self.sched.dispatch():
             t0 = time.perf_counter()
             trajs = self.runner.rollout_step(a.step, self.tasks_for(a.step))
-            info = {"start_version": start_version(trajs), "dispatch_version": version,
+            sv = start_version(trajs)
+            info = {"start_version": sv if sv >= 0 else version, "dispatch_version": version,
                     "seconds": time.perf_counter() - t0}
             self.sched.result(a.step, 0, a.attempt, info["start_version"], (trajs, info))
 

@@ -1,0 +1,1 @@
+"""Evaluation apart from the reward, and diagnostics of training runs."""
