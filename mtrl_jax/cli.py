@@ -1,14 +1,16 @@
 """``mtrl``: the command line, thin over the Python API.
 
 Commands: ``train`` (a recipe plus ``key.sub=value`` overrides), ``demo`` (the CPU demo end to
-end), ``env-check``, ``doctor`` (known failure patterns in a run's metrics). (``eval``,
-``report`` and ``reward-audit`` arrive with the evaluator.)
+end), ``env-check``, ``eval`` (the external evaluation: strict success, pass@k, base vs
+fine-tuned), ``doctor`` (known failure patterns in a run's metrics). (``report`` and
+``reward-audit`` are not built yet.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -65,6 +67,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from mtrl_jax.evaluation.evaluator import MultiTurnRLEvaluator
+    from mtrl_jax.training.config import ConfigError
+
+    adapter = args.adapter
+    recipe = args.recipe
+    if args.run is not None:  # a training run: its recipe (config.json) and its adapter
+        adapter = adapter or os.path.join(args.run, "adapter")
+        with open(os.path.join(args.run, "config.json")) as f:
+            recipe = recipe or json.load(f)
+    try:
+        ev = MultiTurnRLEvaluator(
+            args.model, adapter=adapter, dataset=args.dataset, recipe=recipe,
+            overrides=args.overrides, split=args.split, n_tasks=args.n,
+            samples_per_task=args.samples, success_threshold=args.success_threshold,
+            evaluate_base_model=args.base, seed=args.seed, output_dir=args.output_dir)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"mtrl eval: {e}", file=sys.stderr)
+        return 2
+    res = ev.evaluate()
+    print(f"[mtrl] results: {ev.results_path}; MLflow: {res.get('mlflow')}")
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from mtrl_jax.evaluation.doctor import diagnose, load_history
 
@@ -117,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="overrides of configs/demo_cpu.yaml")
     de.set_defaults(fn=_demo)
+
+    ev = sub.add_parser("eval", help="the external evaluation of a model (and its base) on a "
+                        "held-out split: strict success, pass@k, per-field accuracy, budgets")
+    ev.add_argument("--run", default=None,
+                    help="a training run folder: its recipe and its adapter")
+    ev.add_argument("--model", default=None, help="HF checkpoint folder (model.path)")
+    ev.add_argument("--adapter", default=None, help="PEFT adapter folder")
+    ev.add_argument("--recipe", default=None)
+    ev.add_argument("--dataset", default=None, help="task family, e.g. sop_synth:preflight")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--n", type=int, default=None, help="number of tasks")
+    ev.add_argument("--samples", type=int, default=None, help="samples per task (pass@k)")
+    ev.add_argument("--success-threshold", type=float, default=None)
+    ev.add_argument("--base", action="store_true", help="also the base model, side by side")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output-dir", default="runs/eval")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ev.set_defaults(fn=_eval)
 
     do = sub.add_parser("doctor", help="name known failure patterns in a run's MLflow metrics, "
                         "with the first thing to change")

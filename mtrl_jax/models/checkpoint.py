@@ -288,3 +288,55 @@ def merge_lora(model: CausalLM) -> CausalLM:
     graphdef, abstract = nnx.split(plain)
     values = {tuple(p): leaf.get_value() for p, leaf in nnx.to_flat_state(base)}
     return nnx.merge(graphdef, _state_from_flat(abstract, values))
+
+
+def load_peft_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> CausalLM:
+    """Load a PEFT LoRA adapter (as :func:`export_peft_adapter` writes it) into ``model``'s
+    adapters, in place; returns ``model``. The model's LoRA rank, alpha and targets must match
+    the adapter's ``adapter_config.json`` (see :func:`peft_lora_config`); every adapted
+    projection must be in the file."""
+    from safetensors.numpy import load_file
+
+    adapter_dir = os.fspath(adapter_dir)
+    want = peft_lora_config(adapter_dir)
+    have = model.lora_config
+    if (have.rank, float(have.alpha), tuple(sorted(have.targets))) != \
+            (want.rank, float(want.alpha), tuple(sorted(want.targets))):
+        raise ValueError(f"{adapter_dir}: adapter r={want.rank} alpha={want.alpha} targets="
+                         f"{sorted(want.targets)} does not fit the model's LoRA r={have.rank} "
+                         f"alpha={have.alpha} targets={sorted(have.targets)}")
+    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    used = set()
+    for path, lin in lora_pairs(model):
+        prefix = "base_model.model.model." + ".".join(str(p) for p in path)
+        for which, attr in (("lora_A", "lora_a"), ("lora_B", "lora_b")):
+            key = f"{prefix}.{which}.weight"
+            if key not in tensors:
+                raise ValueError(f"{adapter_dir}: adapter lacks {key!r}")
+            param = getattr(lin, attr)
+            value = np.asarray(tensors[key]).T
+            if value.shape != tuple(param[...].shape):
+                raise ValueError(f"{adapter_dir}: {key} has shape {value.T.shape}, the model "
+                                 f"expects {tuple(reversed(param[...].shape))}")
+            param[...] = jnp.asarray(value, dtype=param[...].dtype)
+            used.add(key)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"{adapter_dir}: tensors the model has no place for: {extra[:4]}")
+    return model
+
+
+def peft_lora_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """The :class:`LoRAConfig` of a PEFT adapter folder."""
+    with open(os.path.join(os.fspath(adapter_dir), "adapter_config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter_dir}: not a LoRA adapter (peft_type "
+                         f"{cfg.get('peft_type')!r})")
+    short = {v: k for k, v in _PEFT_MODULES.items()}
+    mods = cfg["target_modules"]
+    unknown = [m for m in mods if m not in short]
+    if unknown:
+        raise ValueError(f"{adapter_dir}: target modules {unknown} are not supported")
+    return LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                      targets=tuple(short[m] for m in mods))

@@ -1,0 +1,287 @@
+"""The external evaluation: a fixed held-out split, the strict scorer, pass@k, base vs fine-tuned.
+
+RL optimises the reward literally; this is the measure to believe. For each model it replays the
+agent over the split (one greedy episode per task, ``samples_per_task`` sampled ones, the same
+keys for every model, so the numbers are reproducible and base and fine-tuned see identical
+tasks and seeds) and reports::
+
+    reward/mean, task_success (strict, greedy), pass_k_{k} (unbiased, strict; k = 1 .. n),
+    reward_pass_k_{k} (reward >= success_threshold), field_acc and field/<name>,
+    completion_rate, max_turns_frac (turn budget exhausted), truncated_frac (turns that hit the
+    per-turn token budget), tool_calls/<name> (per episode), tool_error_rate,
+    format_compliance (episodes without a malformed tool call), turns/mean, tokens/mean
+
+With ``evaluate_base_model=True`` the base (adapters off) is scored too, and each headline
+metric gets a ``diff`` with a 95% bootstrap confidence interval over tasks. Results go to
+``<output_dir>/eval_results.json`` and to MLflow (metrics, and trajectories whose reward and
+strict score disagree as traces).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mtrl_jax.envs.base import Environment, Task
+from mtrl_jax.envs.families import load_tasks
+from mtrl_jax.kernels import pass_at_k
+from mtrl_jax.rollout.trajectory import Trajectory
+
+__all__ = ["MultiTurnRLEvaluator", "bootstrap_diff", "episode_metrics"]
+
+
+def bootstrap_diff(a: np.ndarray, b: np.ndarray, *, n: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """``mean(b - a)`` over paired per-task scores and its bootstrap ``level`` interval
+    (tasks resampled with replacement). Returns ``(diff, low, high)``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired per-task scores needed, got shapes {a.shape} and {b.shape}")
+    d = b - a
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n, len(d)))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def episode_metrics(greedy: list[Trajectory], sampled: list[Trajectory], n_tasks: int,
+                    success_threshold: float) -> dict[str, float]:
+    """The evaluation's metrics of one model (see the module docstring)."""
+    m: dict[str, float] = {}
+    eps = greedy + sampled
+    strict_g = np.array([t.strict_score or 0.0 for t in greedy])
+    m["reward/mean"] = float(np.mean([t.reward for t in greedy]))
+    m["task_success"] = float(strict_g.mean())
+    if sampled:
+        n = len(sampled) // n_tasks
+        ok = np.array([t.strict_score or 0.0 for t in sampled]).reshape(n_tasks, n) >= 1.0
+        rok = np.array([t.reward >= success_threshold for t in sampled]).reshape(n_tasks, n)
+        for k in sorted({1, n} | {k for k in (2, 4, 8, 16) if k <= n}):
+            m[f"pass_k_{k}"] = float(np.mean([pass_at_k(n, int(r.sum()), k) for r in ok]))
+            m[f"reward_pass_k_{k}"] = float(np.mean([pass_at_k(n, int(r.sum()), k)
+                                                     for r in rok]))
+        m["sampled_reward/mean"] = float(np.mean([t.reward for t in sampled]))
+    accs = [t.reward_metrics["field_acc"] for t in greedy if "field_acc" in t.reward_metrics]
+    if accs:
+        m["field_acc"] = float(np.mean(accs))
+    for f in sorted({k for t in greedy for k in t.reward_metrics if k.startswith("field/")}):
+        m[f] = float(np.mean([t.reward_metrics.get(f, 0.0) for t in greedy]))
+    turns = sum(t.num_turns for t in eps)
+    calls = [c for t in eps for c in t.tool_calls]
+    m["completion_rate"] = float(np.mean([t.finish_reason == "answered" for t in eps]))
+    m["max_turns_frac"] = float(np.mean([t.finish_reason == "max_turns" for t in eps]))
+    m["truncated_frac"] = sum(t.truncated_turns for t in eps) / max(1, turns)
+    m["error_frac"] = float(np.mean([t.finish_reason == "error" for t in eps]))
+    for name, count in sorted(Counter(c.name for c in calls).items()):
+        m[f"tool_calls/{name}"] = count / len(eps)
+    m["tool_calls/mean"] = len(calls) / len(eps)
+    m["tool_error_rate"] = sum(c.error is not None for c in calls) / max(1, len(calls))
+    m["format_compliance"] = float(np.mean([t.format_errors == 0 for t in eps]))
+    m["turns/mean"] = turns / len(eps)
+    m["tokens/mean"] = float(np.mean([t.num_sampled_tokens for t in eps]))
+    m["tokens/context_mean"] = float(np.mean([sum(len(s) for s in t.samples) for t in eps]))
+    return m
+
+
+class MultiTurnRLEvaluator:
+    """Score a model (a local HF checkpoint, optionally with a PEFT adapter from a run) on a
+    fixed split.
+
+    Args:
+      model: checkpoint folder (``model.path``); None keeps the recipe's.
+      adapter: a PEFT adapter folder (a run's ``<output_dir>/adapter``): the fine-tuned model.
+      dataset: a task family name (``sop_synth:preflight``); or ``tasks`` (+ ``make_env``).
+      recipe, overrides: the run's recipe (rollout limits, sampling, system prompt, reward);
+        ``val_sampling_params`` sets ``samples_per_task``, temperature and budgets.
+      split, n_tasks: which tasks (default: the recipe's test split, ``data.n_test``).
+      samples_per_task: sampled episodes per task for pass@k (default: the recipe's
+        ``val_sampling_params.num_samples``).
+      success_threshold: reward counted as success for ``reward_pass_k``.
+      evaluate_base_model: score the base (adapters off) too, side by side, with differences.
+      seed: evaluation seed (same seed, same numbers).
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *,
+                 adapter: str | os.PathLike | None = None, dataset: str | None = None,
+                 recipe: str | os.PathLike | dict | None = None,
+                 overrides: list[str] | dict[str, Any] | None = None,
+                 split: str = "test", n_tasks: int | None = None,
+                 tasks: Sequence[Task] | None = None,
+                 make_env: Callable[[Task], Environment] | None = None,
+                 samples_per_task: int | None = None, success_threshold: float | None = None,
+                 evaluate_base_model: bool = False, seed: int = 0,
+                 output_dir: str | os.PathLike = "runs/eval", tracking_uri: str | None = None,
+                 experiment_name: str = "mtrl_eval", bootstrap: int = 1000,
+                 verbose: bool = True):
+        from mtrl_jax.models.checkpoint import peft_lora_config
+        from mtrl_jax.training.config import load_config
+
+        ov: dict[str, Any] = {}
+        if isinstance(overrides, dict):
+            ov.update(overrides)
+        if model is not None:
+            ov["model.path"] = os.fspath(model)
+        if dataset is not None:
+            ov["data.task"] = dataset
+        if samples_per_task is not None:
+            ov["val_sampling_params.num_samples"] = samples_per_task
+        if success_threshold is not None:
+            ov["val_sampling_params.success_threshold"] = success_threshold
+        if adapter is not None:
+            lc = peft_lora_config(adapter)
+            ov.update({"lora.lora_rank": lc.rank, "lora.lora_alpha": lc.alpha,
+                       "lora.targets": list(lc.targets)})
+        ov.update({"seed": seed, "output_dir": os.fspath(output_dir),
+                   "experiment_name": experiment_name})
+        extra = list(overrides) if isinstance(overrides, list) else []
+        self.config = load_config(recipe, extra + [f"{k}={json.dumps(v)}" for k, v in ov.items()])
+        self.adapter = None if adapter is None else os.fspath(adapter)
+        self.evaluate_base_model = evaluate_base_model
+        self.bootstrap = bootstrap
+        self.verbose = verbose
+        self.tracking_uri = tracking_uri
+        d = self.config.data
+        if tasks is None:
+            split_name = getattr(d, f"{split}_split", split)
+            n = n_tasks if n_tasks is not None else (d.n_test if split == "test" else d.n_val)
+            tasks = load_tasks(d.task, split_name, n, d.data_seed)
+        elif n_tasks is not None:
+            tasks = list(tasks)[:n_tasks]
+        if d.system_prompt == "none":
+            tasks = [dataclasses.replace(t, system=None) for t in tasks]
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ValueError("no tasks to evaluate")
+        self.split = split
+        self.make_env = make_env
+
+    def _play(self, runner, key) -> tuple[list[Trajectory], list[Trajectory]]:
+        v = self.config.val_sampling_params
+        saved = runner.sampler.params
+        try:
+            runner.sampler.params = dataclasses.replace(
+                runner.sampling, temperature=0.0, max_tokens=v.sampling_max_tokens)
+            greedy = runner.run_episodes(self.tasks, 1, key, loop=runner.val_loop, tag="evalg")
+            sampled = []
+            if v.num_samples > 0:
+                runner.sampler.params = dataclasses.replace(
+                    runner.sampling, temperature=v.temperature, max_tokens=v.sampling_max_tokens)
+                sampled = runner.run_episodes(self.tasks, v.num_samples,
+                                              jax.random.fold_in(key, 1),
+                                              loop=runner.val_loop, tag="evals")
+        finally:
+            runner.sampler.params = saved
+        return greedy, sampled
+
+    def evaluate(self) -> dict[str, Any]:
+        """Play and score every model; returns (and writes) the results."""
+        from mtrl_jax.models.checkpoint import load_peft_adapter
+        from mtrl_jax.rollout.runner import RolloutRunner, build_policy
+        from mtrl_jax.training.tracking import Tracker, default_tracking_uri
+
+        c = self.config
+        t0 = time.perf_counter()
+        tokenizer, model = build_policy(c)  # fresh adapters, B = 0: the base model
+        runner = RolloutRunner(c, tokenizer, model, self.make_env)
+        key = jax.random.key(c.seed)
+        thr = c.val_sampling_params.success_threshold
+        plays: dict[str, tuple[list[Trajectory], list[Trajectory]]] = {}
+        try:
+            if self.adapter is None or self.evaluate_base_model:
+                plays["base"] = self._play(runner, key)
+            if self.adapter is not None:
+                load_peft_adapter(model, self.adapter)
+                plays["finetuned"] = self._play(runner, key)
+        finally:
+            runner.close()
+        results: dict[str, Any] = {
+            "split": self.split, "n_tasks": len(self.tasks), "seed": c.seed,
+            "model": c.model.path, "adapter": self.adapter, "task": c.data.task,
+            "samples_per_task": c.val_sampling_params.num_samples, "success_threshold": thr,
+            "models": {}, "per_task": {}}
+        for name, (greedy, sampled) in plays.items():
+            results["models"][name] = episode_metrics(greedy, sampled, len(self.tasks), thr)
+            results["per_task"][name] = self._per_task(greedy, sampled)
+        if "base" in plays and "finetuned" in plays:
+            diffs = {}
+            for metric in ("task_success", "pass_k_1", "reward"):
+                a = results["per_task"]["base"][metric]
+                b = results["per_task"]["finetuned"][metric]
+                diff, lo, hi = bootstrap_diff(np.array(a), np.array(b), n=self.bootstrap,
+                                              seed=c.seed)
+                diffs[metric] = {"diff": diff, "ci95": [lo, hi]}
+            results["diff"] = diffs
+        results["seconds"] = time.perf_counter() - t0
+        os.makedirs(c.output_dir, exist_ok=True)
+        path = os.path.join(c.output_dir, "eval_results.json")
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        self.results_path = path
+        tracker = Tracker(self.tracking_uri or default_tracking_uri(c.output_dir),
+                          c.experiment_name, run_name=f"eval-{self.split}")
+        try:
+            tracker.log_params({"model": c.model.path, "adapter": self.adapter,
+                                "task": c.data.task, "split": self.split,
+                                "n_tasks": len(self.tasks), "seed": c.seed})
+            flat = {f"eval/{m}/{k}": v for m, ms in results["models"].items()
+                    for k, v in ms.items()}
+            for metric, d in results.get("diff", {}).items():
+                flat[f"eval/diff/{metric}"] = d["diff"]
+                flat[f"eval/diff/{metric}_ci_low"] = d["ci95"][0]
+                flat[f"eval/diff/{metric}_ci_high"] = d["ci95"][1]
+            tracker.log_metrics(flat, 0)
+            v = c.val_sampling_params
+            for name, (greedy, sampled) in plays.items():
+                bad = [t for t in greedy + sampled if t.strict_score is not None
+                       and (t.reward >= thr) != (t.strict_score >= 1.0)]
+                for t in bad[:v.max_disagreement_traces]:
+                    tracker.log_trajectory(t, step=0, kind=f"eval_{name}_disagreement")
+            results["mlflow"] = tracker.url()
+        finally:
+            tracker.end("FINISHED")
+        if self.verbose:
+            print(format_results(results), flush=True)
+        return results
+
+    def _per_task(self, greedy, sampled) -> dict[str, list[float]]:
+        n_tasks = len(self.tasks)
+        out = {"task_success": [t.strict_score or 0.0 for t in greedy],
+               "reward": [t.reward for t in greedy]}
+        if sampled:
+            ok = np.array([t.strict_score or 0.0 for t in sampled]).reshape(n_tasks, -1)
+            out["pass_k_1"] = [float(r.mean()) for r in ok]
+        else:
+            out["pass_k_1"] = out["task_success"]
+        return out
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A side-by-side text table of an evaluation's headline metrics."""
+    models = list(results["models"])
+    keys = ["task_success", "pass_k_1"] + sorted(
+        k for k in results["models"][models[0]] if k.startswith("pass_k_") and k != "pass_k_1")
+    keys += ["reward/mean", "field_acc", "completion_rate", "max_turns_frac", "truncated_frac",
+             "error_frac",
+             "tool_error_rate", "format_compliance", "turns/mean", "tokens/mean"]
+    lines = [f"{results['task']} ({results['split']}, {results['n_tasks']} tasks, "
+             f"{results['samples_per_task']} samples each, seed {results['seed']})",
+             f"{'metric':<22}" + "".join(f"{m:>12}" for m in models)]
+    for k in keys:
+        vals = [results["models"][m].get(k) for m in models]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"{k:<22}" + "".join(f"{v:>12.3f}" if v is not None else f"{'-':>12}"
+                                          for v in vals))
+    for metric, d in results.get("diff", {}).items():
+        lines.append(f"diff {metric:<17} {d['diff']:+.3f} (95% CI {d['ci95'][0]:+.3f} .. "
+                     f"{d['ci95'][1]:+.3f}, bootstrap over tasks)")
+    return "\n".join(lines)
