@@ -2,8 +2,9 @@
 
 Commands: ``train`` (a recipe plus ``key.sub=value`` overrides), ``demo`` (the CPU demo end to
 end), ``env-check``, ``eval`` (the external evaluation: strict success, pass@k, base vs
-fine-tuned), ``doctor`` (known failure patterns in a run's metrics). (``report`` and
-``reward-audit`` are not built yet.)
+fine-tuned), ``reward-audit`` (the recipe's reward against the strict scorer on baseline
+rollouts), ``doctor`` (known failure patterns in a run's metrics). (``report`` is not built
+yet.)
 """
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_audit(args: argparse.Namespace) -> int:
+    from mtrl_jax.evaluation.reward_audit import format_report, reward_audit
+    from mtrl_jax.training.config import ConfigError
+
+    try:
+        report = reward_audit(args.recipe, args.overrides, n_tasks=args.n,
+                              adapter=args.adapter)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"mtrl reward-audit: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0 if report.verdict == "safe" else 1
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from mtrl_jax.evaluation.doctor import diagnose, load_history
 
@@ -161,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output-dir", default="runs/eval")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ev.set_defaults(fn=_eval)
+
+    ra = sub.add_parser("reward-audit", help="before training: the recipe's reward vs the "
+                        "strict scorer on baseline rollouts (exit 1 unless safe)")
+    ra.add_argument("--recipe", required=True)
+    ra.add_argument("--n", type=int, default=32, help="training tasks to play")
+    ra.add_argument("--adapter", default=None, help="audit a PEFT adapter instead of the base")
+    ra.add_argument("--json", action="store_true")
+    ra.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ra.set_defaults(fn=_reward_audit)
 
     do = sub.add_parser("doctor", help="name known failure patterns in a run's MLflow metrics, "
                         "with the first thing to change")

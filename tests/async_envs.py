@@ -64,3 +64,14 @@ class BrokenSetup(EvenBytes):
 
 def make_broken_setup_env(task: Task) -> Environment:
     return BrokenSetup()
+
+
+class Lenient(EvenBytes):
+    """Credits every episode: far more lenient than the strict scorer."""
+
+    def reward(self, episode):
+        episode.update_reward(1.0)
+
+
+def make_lenient_env(task: Task) -> Environment:
+    return Lenient()
