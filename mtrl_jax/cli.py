@@ -3,8 +3,8 @@
 Commands: ``train`` (a recipe plus ``key.sub=value`` overrides), ``demo`` (the CPU demo end to
 end), ``env-check``, ``eval`` (the external evaluation: strict success, pass@k, base vs
 fine-tuned), ``reward-audit`` (the recipe's reward against the strict scorer on baseline
-rollouts), ``doctor`` (known failure patterns in a run's metrics). (``report`` is not built
-yet.)
+rollouts), ``report`` (an HTML page of a run), ``doctor`` (known failure patterns in a run's
+metrics).
 """
 
 from __future__ import annotations
@@ -106,6 +106,19 @@ def _reward_audit(args: argparse.Namespace) -> int:
     return 0 if report.verdict == "safe" else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mtrl_jax.evaluation.report import build_report
+
+    try:
+        path = build_report(args.run, eval_path=args.eval, out_dir=args.out,
+                            tracking_uri=args.tracking_uri)
+    except FileNotFoundError as e:
+        print(f"mtrl report: {e}", file=sys.stderr)
+        return 2
+    print(f"[mtrl] report: {path}")
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from mtrl_jax.evaluation.doctor import diagnose, load_history
 
@@ -185,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--json", action="store_true")
     ra.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ra.set_defaults(fn=_reward_audit)
+
+    rp = sub.add_parser("report", help="an HTML page (and PNGs) of a run: curves, completion "
+                        "vs correctness, per-field bars, budgets, disagreements")
+    rp.add_argument("run", help="a run folder (its mlflow.db)")
+    rp.add_argument("--eval", default=None, help="eval_results.json (default RUN/eval/...)")
+    rp.add_argument("--out", default=None, help="output folder (default RUN/report)")
+    rp.add_argument("--tracking-uri", default=None)
+    rp.set_defaults(fn=_report)
 
     do = sub.add_parser("doctor", help="name known failure patterns in a run's MLflow metrics, "
                         "with the first thing to change")

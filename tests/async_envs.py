@@ -75,3 +75,21 @@ class Lenient(EvenBytes):
 
 def make_lenient_env(task: Task) -> Environment:
     return Lenient()
+
+
+class DenseFields(EvenBytes):
+    """The SOP-style dense reward on the task's expected fields (per-field metrics)."""
+
+    def reward(self, episode):
+        from mtrl_jax.envs.scoring import dense_reward
+
+        r, metrics = dense_reward(episode.final_text, episode.task.expected)
+        text = next((m["content"] for m in reversed(episode.messages)
+                     if m["role"] == "assistant"), "")
+        data = text.encode()
+        even = sum(b % 2 == 0 for b in data) / max(1, len(data))
+        episode.update_reward(r + 0.5 * even, metrics)  # varied, so groups have signal
+
+
+def make_fields_env(task: Task) -> Environment:
+    return DenseFields()

@@ -208,9 +208,25 @@ class MultiTurnRLEvaluator:
             "model": c.model.path, "adapter": self.adapter, "task": c.data.task,
             "samples_per_task": c.val_sampling_params.num_samples, "success_threshold": thr,
             "models": {}, "per_task": {}}
+        results["episodes"], results["disagreements"] = {}, {}
         for name, (greedy, sampled) in plays.items():
             results["models"][name] = episode_metrics(greedy, sampled, len(self.tasks), thr)
             results["per_task"][name] = self._per_task(greedy, sampled)
+            eps = greedy + sampled
+            results["episodes"][name] = {
+                "turns": [t.num_turns for t in eps],
+                "sampled_tokens": [t.num_sampled_tokens for t in eps],
+                "finish_reason": [t.finish_reason for t in eps],
+                "max_turns": c.rollout.max_turns,
+                "sampling_max_tokens": c.val_sampling_params.sampling_max_tokens}
+            results["disagreements"][name] = [
+                {"task_id": t.task_id, "episode_id": t.episode_id, "reward": t.reward,
+                 "strict": t.strict_score, "final_text": (t.final_text or "")[:400],
+                 "last_messages": [{"role": m["role"], "content": str(m["content"])[:300]}
+                                   for m in t.messages[-3:]]}
+                for t in eps if t.strict_score is not None
+                and (t.reward >= thr) != (t.strict_score >= 1.0)
+            ][:c.val_sampling_params.max_disagreement_traces]
         if "base" in plays and "finetuned" in plays:
             diffs = {}
             for metric in ("task_success", "pass_k_1", "reward"):
