@@ -108,6 +108,10 @@ class MultiTurnRLEvaluator:
       success_threshold: reward counted as success for ``reward_pass_k``.
       evaluate_base_model: score the base (adapters off) too, side by side, with differences.
       seed: evaluation seed (same seed, same numbers).
+      reference_endpoint: an OpenAI-compatible base URL (``.../v1``): ``reference_model``
+        there is played text-level through the same environments and scorer, as a
+        "what good looks like" column (``reference``). Its sampling is the endpoint's: not
+        seeded by ``seed``.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *,
@@ -121,6 +125,8 @@ class MultiTurnRLEvaluator:
                  evaluate_base_model: bool = False, seed: int = 0,
                  output_dir: str | os.PathLike = "runs/eval", tracking_uri: str | None = None,
                  experiment_name: str = "mtrl_eval", bootstrap: int = 1000,
+                 reference_endpoint: str | None = None, reference_model: str = "reference",
+                 reference_api_key: str | None = None, reference_concurrency: int = 8,
                  verbose: bool = True):
         from mtrl_jax.models.checkpoint import peft_lora_config
         from mtrl_jax.training.config import load_config
@@ -163,6 +169,13 @@ class MultiTurnRLEvaluator:
             raise ValueError("no tasks to evaluate")
         self.split = split
         self.make_env = make_env
+        self.reference = None
+        if reference_endpoint is not None:
+            from mtrl_jax.evaluation.openai_compat import OpenAIChatClient
+
+            self.reference = OpenAIChatClient(reference_endpoint, reference_model,
+                                              reference_api_key)
+        self.reference_concurrency = reference_concurrency
 
     def _play(self, runner, key) -> tuple[list[Trajectory], list[Trajectory]]:
         v = self.config.val_sampling_params
@@ -181,6 +194,30 @@ class MultiTurnRLEvaluator:
         finally:
             runner.sampler.params = saved
         return greedy, sampled
+
+    def _play_reference(self, runner) -> tuple[list[Trajectory], list[Trajectory]]:
+        import asyncio
+
+        from mtrl_jax.evaluation.openai_compat import run_reference_episode
+
+        c = self.config
+        v = c.val_sampling_params
+        sem = asyncio.Semaphore(self.reference_concurrency)
+
+        async def one(task, temperature, eid):
+            async with sem:
+                return await run_reference_episode(
+                    self.reference, runner.env(task), task, max_turns=c.rollout.max_turns,
+                    temperature=temperature, max_tokens=v.sampling_max_tokens, episode_id=eid)
+
+        async def go():
+            greedy = await asyncio.gather(*(one(t, 0.0, f"refg/{t.id}") for t in self.tasks))
+            sampled = await asyncio.gather(*(
+                one(t, v.temperature, f"refs/{t.id}#{k}") for t in self.tasks
+                for k in range(v.num_samples)))
+            return list(greedy), list(sampled)
+
+        return asyncio.run(go())
 
     def evaluate(self) -> dict[str, Any]:
         """Play and score every model; returns (and writes) the results."""
@@ -201,8 +238,11 @@ class MultiTurnRLEvaluator:
             if self.adapter is not None:
                 load_peft_adapter(model, self.adapter)
                 plays["finetuned"] = self._play(runner, key)
+            if self.reference is not None:
+                plays["reference"] = self._play_reference(runner)
         finally:
             runner.close()
+        self.plays = plays
         results: dict[str, Any] = {
             "split": self.split, "n_tasks": len(self.tasks), "seed": c.seed,
             "model": c.model.path, "adapter": self.adapter, "task": c.data.task,
