@@ -321,7 +321,9 @@ class MultiTurnRLTrainer:
         metrics.update({
             "time/rollout_s": t_roll, "time/train_s": t_train,
             "time/step_s": time.perf_counter() - t0,
-            "throughput/sampled_tokens_per_s": sampled / max(t_roll, 1e-9),
+            # asynchronous: the worker's own rollout time (t_roll is the trainer's wait)
+            "throughput/sampled_tokens_per_s": sampled / max(
+                async_metrics.get("async/worker_rollout_s", t_roll), 1e-9),
             "throughput/train_tokens_per_s":
                 train_metrics.get("train/tokens", 0.0) * self._updates_per_step
                 / max(t_train, 1e-9),
@@ -616,8 +618,11 @@ class MultiTurnRLTrainer:
               f"{m['rollout/reward/mean']:.3f} | success "
               f"{m.get('rollout/task_success_rate', float('nan')):.3f}{val_s} | "
               f"{m['throughput/sampled_tokens_per_s']:.0f} sampled tok/s, "
-              f"{m['throughput/train_tokens_per_s']:.0f} train tok/s | rollout "
-              f"{m['time/rollout_s']:.1f}s train {m['time/train_s']:.1f}s", flush=True)
+              f"{m['throughput/train_tokens_per_s']:.0f} train tok/s | "
+              + (f"rollout wait {m['async/wait_s']:.1f}s (staleness "
+                 f"{m.get('async/staleness/mean', 0.0):.1f})" if "async/wait_s" in m
+                 else f"rollout {m['time/rollout_s']:.1f}s")
+              + f" train {m['time/train_s']:.1f}s", flush=True)
 
     def get_mlflow_url(self) -> str:
         return self.tracker.url()
