@@ -278,10 +278,6 @@ class MultiTurnRLEvaluator:
             results["diff"] = diffs
         results["seconds"] = time.perf_counter() - t0
         os.makedirs(c.output_dir, exist_ok=True)
-        path = os.path.join(c.output_dir, "eval_results.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-        self.results_path = path
         tracker = Tracker(self.tracking_uri or default_tracking_uri(c.output_dir),
                           c.experiment_name, run_name=f"eval-{self.split}")
         try:
@@ -304,6 +300,10 @@ class MultiTurnRLEvaluator:
             results["mlflow"] = tracker.url()
         finally:
             tracker.end("FINISHED")
+        path = os.path.join(c.output_dir, "eval_results.json")
+        with open(path, "w") as f:  # after MLflow: the file names the run it logged
+            json.dump(results, f, indent=1)
+        self.results_path = path
         if self.verbose:
             print(format_results(results), flush=True)
         return results
