@@ -16,15 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mtrl_jax.evaluation.doctor import History, diagnose, load_history
-
-
-def _series(h: History, name: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = sorted((s, v) for s, v in h.get(name, []) if v is not None and np.isfinite(v))
-    if not pts:
-        return np.zeros(0), np.zeros(0)
-    s, v = zip(*pts, strict=True)
-    return np.asarray(s), np.asarray(v)
+from mtrl_jax.evaluation.doctor import History, _series, diagnose, load_history
 
 
 def _plt():
