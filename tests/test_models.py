@@ -22,6 +22,7 @@ from mtrl_jax.models import (
 )
 from mtrl_jax.models.decoding import SamplingParams, _generate_jit, bucket_length, generate
 from mtrl_jax.models.logprobs import head_logprobs, token_logprobs
+from mtrl_jax.models.transformer import prepare_decode_weights
 from mtrl_jax.training.lora_step import make_lora_train_step
 from tests.model_helpers import LAYOUTS, full_logprobs, perturbed_model
 from tests.packed_data import pack, scatter
@@ -133,6 +134,27 @@ def test_adapters_off_is_the_base_model():
     np.testing.assert_array_equal(tuned(tokens, use_lora=False), plain(tokens))
     merged = merge_lora(tuned)
     np.testing.assert_allclose(merged(tokens), tuned(tokens), atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["qwen2", "qwen3"])  # untied and tied LM head
+@pytest.mark.parametrize("fold,transpose", [(True, True), (True, False), (False, True)])
+def test_prepared_decode_weights_give_the_same_logits(layout, fold, transpose):
+    cfg = LAYOUTS[layout]
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 101, (2, 9)))
+    tuned = perturbed_model(cfg, LORA)
+    graphdef, state = nnx.split(tuned)
+
+    @jax.jit
+    def prepared_logits(state, tokens):
+        model = nnx.merge(graphdef, state)
+        prepare_decode_weights(model, fold=fold, transpose=transpose)
+        return model(tokens, use_lora=False), model.lm_head_kernel()
+
+    logits, head = prepared_logits(state, tokens)
+    np.testing.assert_allclose(logits, tuned(tokens, use_lora=fold), atol=2e-5)
+    np.testing.assert_array_equal(head, tuned.lm_head_kernel())  # [hidden, vocab] either way
+    if fold:  # the adapters were folded in, not dropped
+        assert not np.allclose(logits, tuned(tokens, use_lora=False), atol=1e-3)
 
 
 def test_lora_step_updates_only_lora():

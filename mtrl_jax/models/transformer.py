@@ -62,6 +62,8 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), pdt)) if bias else None
         self.dtype = cfg.jnp_dtype
         self.lora_scale = lora_scale
+        #: ``True`` once :func:`prepare_decode_weights` stored ``kernel`` as ``[out, in]``.
+        self.transposed = False
         if lora_rank > 0:
             bound = 1.0 / (in_features ** 0.5)
             self.lora_a = nnx.LoRAParam(jax.random.uniform(
@@ -76,7 +78,10 @@ class Linear(nnx.Module):
         # two leading dims (the LoRA weight gradients, [B, L, in] x [B, L, r], were 5x slower).
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = x @ self.kernel[...].astype(self.dtype)
+        if self.transposed:
+            y = _matmul_nt(x, self.kernel[...].astype(self.dtype))
+        else:
+            y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if use_lora and self.lora_a is not None:
@@ -84,6 +89,41 @@ class Linear(nnx.Module):
             b = self.lora_b[...].astype(self.dtype)
             y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
         return y.reshape(*lead, y.shape[-1])
+
+
+def _matmul_nt(x: jax.Array, w_t: jax.Array, preferred=None) -> jax.Array:
+    """``x [..., K] @ w_t[N, K]^T`` without materialising the transpose."""
+    return jax.lax.dot_general(x, w_t, (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=preferred)
+
+
+def prepare_decode_weights(model: CausalLM, *, fold: bool, transpose: bool) -> None:
+    """In place, on a traced copy of the weights (inside jit): the weights the sampler's decode
+    steps run fastest with. Call the model with ``use_lora=False`` afterwards; outputs equal the
+    unprepared model's (with ``fold``: its ``use_lora=True`` outputs) up to f32 rounding.
+
+    ``fold``: ``W + (alpha/r) A B`` in every adapted :class:`Linear` (a decode step then runs 4
+    matmuls per layer instead of 18). ``transpose``: every kernel stored as ``[out, in]``, and an
+    untied LM head as ``[vocab, hidden]``. At the few dozen rows of a decode step XLA:CPU's
+    matmul with the weight as ``[N, K]`` runs ~1.4x faster than with ``[K, N]`` (measured
+    2026-11-27, experiments/LOG.md); it costs a transposed copy of the weights for the call, so
+    the sampler asks for it on CPU only.
+    """
+    for _, node in nnx.iter_graph(model):
+        if not isinstance(node, Linear) or node.transposed:
+            continue
+        if fold and node.lora_a is not None:
+            w = node.kernel[...]
+            delta = node.lora_a[...].astype(jnp.float32) @ node.lora_b[...].astype(jnp.float32)
+            node.kernel[...] = (w.astype(jnp.float32) + node.lora_scale * delta).astype(w.dtype)
+        if transpose:
+            node.kernel.value = node.kernel[...].T
+            node.transposed = True
+    if not transpose:
+        return
+    if isinstance(model, CausalLM) and model.lm_head is not None and not model.head_transposed:
+        model.lm_head.value = model.lm_head[...].T
+        model.head_transposed = True
 
 
 def fold_lora(model: nnx.Module) -> None:
@@ -297,6 +337,8 @@ class CausalLM(nnx.Module):
                 (0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size))
                  ).astype(pdt)
             )
+        #: ``True`` once :func:`prepare_decode_weights` stored ``lm_head`` as ``[vocab, hidden]``.
+        self.head_transposed = False
         inv_freq, scale = rope_frequencies(cfg)
         self._inv_freq = tuple(float(x) for x in inv_freq)
         self._rope_scale = scale
@@ -307,7 +349,7 @@ class CausalLM(nnx.Module):
         """``[hidden, vocab]`` (the transposed embedding when tied)."""
         if self.lm_head is None:
             return self.embed_tokens[...].T
-        return self.lm_head[...]
+        return self.lm_head[...].T if self.head_transposed else self.lm_head[...]
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.cfg.jnp_dtype)
@@ -361,6 +403,9 @@ class CausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., H] -> [..., V]`` float32 logits (full vocabulary: small inputs only;
         use :func:`mtrl_jax.models.logprobs.token_logprobs` for training batches)."""
+        if self.lm_head is None or self.head_transposed:  # [vocab, hidden]: see _matmul_nt
+            w_t = (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
+            return _matmul_nt(hidden, w_t.astype(self.cfg.jnp_dtype), jnp.float32)
         w = self.lm_head_kernel().astype(self.cfg.jnp_dtype)
         return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
 
