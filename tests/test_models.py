@@ -375,3 +375,29 @@ def test_lora_targets_subset():
     h, d, r = cfg.hidden_size, cfg.head_dim, 2
     per_layer = (h * r + r * cfg.num_heads * d) + (h * r + r * cfg.num_kv_heads * d)
     assert n == cfg.num_layers * per_layer
+
+
+@pytest.mark.parametrize("vocab", [101, 8192])  # not a multiple of the block, and one that is
+def test_inverse_cdf_draws_follow_the_distribution(vocab):
+    from mtrl_jax.models.decoding import _inverse_cdf_sample
+
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(vocab,)).astype(np.float32) * 2.0
+    logits[rng.choice(vocab, vocab // 3, replace=False)] = -np.inf  # impossible tokens
+    logits[-1] = -np.inf  # the top end too
+    n = 40_000
+    toks = np.asarray(_inverse_cdf_sample(jnp.broadcast_to(jnp.asarray(logits), (n, vocab)),
+                                          jax.random.key(0)))
+    p = np.exp(logits - logits[np.isfinite(logits)].max())
+    p /= p.sum()
+    assert (p[toks] > 0).all()  # never an impossible token
+    counts = np.bincount(toks, minlength=vocab)
+    # the 20 likeliest tokens: counts within 5 binomial standard deviations
+    top = np.argsort(-p)[:20]
+    sd = np.sqrt(n * p[top] * (1 - p[top]))
+    assert (np.abs(counts[top] - n * p[top]) < 5 * sd + 1).all()
+    # and the total variation distance is at sampling-noise level: that of numpy's own draw
+    p64 = p.astype(np.float64) / p.astype(np.float64).sum()
+    ref = np.bincount(rng.choice(vocab, n, p=p64), minlength=vocab)
+    tv, tv_ref = (0.5 * np.abs(c / n - p).sum() for c in (counts, ref))
+    assert tv < 1.2 * tv_ref + 0.005, (tv, tv_ref)

@@ -90,21 +90,37 @@ def sample_from_logits(logits: jax.Array, key: jax.Array, params: SamplingParams
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
+#: Vocabulary block of the two-level inverse-CDF draw (see :func:`_inverse_cdf_sample`).
+SAMPLE_BLOCK = 128
+
+
 def _inverse_cdf_sample(logits: jax.Array, key: jax.Array) -> jax.Array:
     """One draw per row from ``softmax(logits)`` by inverting the CDF with a single uniform.
 
     Needs one random number per row instead of one per vocabulary entry (Gumbel-max), which on
-    CPU is most of a decode step's sampling time. The f32 cumulative sum distorts probabilities
-    by about its rounding error (~1e-7 x vocab, relative).
+    CPU is most of a decode step's sampling time. The CDF is inverted in two levels -- first
+    over the masses of blocks of :data:`SAMPLE_BLOCK` tokens, then inside the chosen block --
+    so the cumulative sums run over ~vocab/128 and 128 entries instead of the whole vocabulary
+    (a [32, 8192] cumsum was ~1 ms of a ~30 ms decode step on CPU). f32 rounding distorts
+    probabilities by about 1e-7 relative; tokens with zero probability are never drawn.
     """
+    b, vocab = logits.shape
     probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]
-    tok = jnp.sum(cdf <= u, axis=-1)
-    # never past the last token with non-zero probability (rounding at the top end)
-    vocab = logits.shape[-1]
-    last = vocab - 1 - jnp.argmax(jnp.flip(probs > 0, axis=-1), axis=-1)
-    return jnp.minimum(tok, last).astype(jnp.int32)
+    c = min(SAMPLE_BLOCK, vocab)
+    nb = -(-vocab // c)
+    probs = jnp.pad(probs, ((0, 0), (0, nb * c - vocab))).reshape(b, nb, c)
+    mass = jnp.sum(probs, axis=-1)  # [B, nb]
+    cdf = jnp.cumsum(mass, axis=-1)
+    u = jax.random.uniform(key, (b, 1), jnp.float32) * cdf[:, -1:]
+    # the block: never past the last one with mass (rounding at the top end)
+    last_block = nb - 1 - jnp.argmax(jnp.flip(mass > 0, axis=-1), axis=-1)
+    blk = jnp.minimum(jnp.sum(cdf <= u, axis=-1), last_block)
+    rows = jnp.arange(b)
+    u_in = u[:, 0] - (cdf[rows, blk] - mass[rows, blk])
+    inner = probs[rows, blk]  # [B, c]
+    j = jnp.sum(jnp.cumsum(inner, axis=-1) <= u_in[:, None], axis=-1)
+    last_in = c - 1 - jnp.argmax(jnp.flip(inner > 0, axis=-1), axis=-1)
+    return (blk * c + jnp.minimum(j, last_in)).astype(jnp.int32)
 
 
 def _last_hidden(hidden: jax.Array, num_new: jax.Array) -> jax.Array:
