@@ -138,11 +138,14 @@ def fold_lora(model: nnx.Module) -> None:
 
 
 class KVCache(NamedTuple):
-    """Keys and values, one ``[B, kv_heads, S, head_dim]`` array per layer (a tuple, so that a
-    step updates each in place), and the number of tokens held per sequence ``lengths [B]``.
+    """Keys ``[B, kv_heads, head_dim, S]`` and values ``[B, kv_heads, S, head_dim]``, one array
+    per layer (a tuple, so that a step updates each in place), and the number of tokens held per
+    sequence ``lengths [B]``.
 
-    The ``[B, KV, S, D]`` layout lets attention read the cache as batched ``[S, D]`` matrices
-    without a transpose (measured 1.6x faster per decode step than ``[B, S, KV, D]``)."""
+    Both layouts let a decode step read the cache as a stream without a transpose: the scores
+    ``q . k`` accumulate over ``head_dim`` rows of ``S`` contiguous keys, the output over ``S``
+    rows of ``head_dim`` contiguous values (keys as ``[.., S, D]`` made the score pass ~1.4x
+    slower: a reduction over the innermost 64 entries; measured 2026-11-27, experiments/LOG.md)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -150,7 +153,7 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
     @property
     def batch_size(self) -> int:
@@ -160,9 +163,10 @@ class KVCache(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
     dtype = cfg.jnp_dtype if dtype is None else dtype
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return KVCache(tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+                   tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
                    jnp.zeros((batch,), jnp.int32))
 
 
@@ -202,8 +206,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
 
 
 def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention of a few new queries ``q [B, T, H, D]`` over a KV cache ``[B, KV, S, D]``
-    (``mask [B, T, S]``). Grouped form: the cache is read once, never repeated per head."""
+    """Attention of a few new queries ``q [B, T, H, D]`` over a KV cache: keys ``k [B, KV, D,
+    S]``, values ``v [B, KV, S, D]`` (``mask [B, T, S]``). Grouped form: the cache is read once,
+    never repeated per head."""
     b, t, h, d = q.shape
     kv = k.shape[1]
     if t == 1 and h // kv > 1:
@@ -211,14 +216,14 @@ def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
         # cache once as a stream; XLA:CPU runs it ~1.7x faster than 2 * B * KV tiny [G, D] x
         # [D, S] matmuls. Without grouping (G = 1) the broadcast form is 14-25x slower than the
         # einsum below (measured: B=64, KV=4, S=256, D=32: 20 ms vs 1.4 ms per call).
-        q1 = q.reshape(b, kv, h // kv, 1, d).astype(jnp.float32)
-        scores = jnp.sum(q1 * k[:, :, None, :, :].astype(jnp.float32), axis=-1)  # [B,KV,G,S]
+        q1 = q.reshape(b, kv, h // kv, d, 1).astype(jnp.float32)
+        scores = jnp.sum(q1 * k[:, :, None, :, :].astype(jnp.float32), axis=-2)  # [B,KV,G,S]
         scores = jnp.where(mask[:, :, None, :], scores * (d ** -0.5), NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.sum(probs[..., None] * v[:, :, None, :, :].astype(jnp.float32), axis=-2)
         return out.astype(q.dtype).reshape(b, 1, h, d)
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores * (d ** -0.5), NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
@@ -298,13 +303,14 @@ class DecoderLayer(nnx.Module):
     def extend(self, x, cos, sin, mask, k_cache, v_cache, write_pos, use_lora: bool = True):
         """Like ``__call__`` but attends over the cache after writing this step's keys/values.
 
-        ``k_cache, v_cache [B, KV, S, D]``; ``write_pos [B, T]`` (``S`` = drop, for padding).
+        ``k_cache [B, KV, D, S]``, ``v_cache [B, KV, S, D]``; ``write_pos [B, T]`` (``S`` =
+        drop, for padding).
         """
         attn = self.self_attn
         q, k, v = attn.qkv(self.input_layernorm(x), cos, sin, use_lora)
         b_idx = jnp.arange(x.shape[0])[:, None]
-        # [B, T, KV, D] values scattered to [B, :, write_pos, :]
-        k_cache = k_cache.at[b_idx, :, write_pos].set(k.astype(k_cache.dtype), mode="drop")
+        # [B, T, KV, D] keys scattered to [B, :, :, write_pos], values to [B, :, write_pos, :]
+        k_cache = k_cache.at[b_idx, :, :, write_pos].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[b_idx, :, write_pos].set(v.astype(v_cache.dtype), mode="drop")
         out = attend_cache(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
         h = x + attn.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
