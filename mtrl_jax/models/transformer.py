@@ -90,6 +90,16 @@ class Linear(nnx.Module):
             y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
         return y.reshape(*lead, y.shape[-1])
 
+    def fold_adapters(self) -> None:
+        """In place: ``kernel += (alpha/r) A B`` (no-op without adapters; adapters stay)."""
+        if self.lora_a is None:
+            return
+        w = self.kernel[...]
+        delta = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)
+        if self.transposed:
+            delta = delta.T
+        self.kernel[...] = (w.astype(jnp.float32) + self.lora_scale * delta).astype(w.dtype)
+
 
 def _matmul_nt(x: jax.Array, w_t: jax.Array, preferred=None) -> jax.Array:
     """``x [..., K] @ w_t[N, K]^T`` without materialising the transpose."""
@@ -112,10 +122,8 @@ def prepare_decode_weights(model: CausalLM, *, fold: bool, transpose: bool) -> N
     for _, node in nnx.iter_graph(model):
         if not isinstance(node, Linear) or node.transposed:
             continue
-        if fold and node.lora_a is not None:
-            w = node.kernel[...]
-            delta = node.lora_a[...].astype(jnp.float32) @ node.lora_b[...].astype(jnp.float32)
-            node.kernel[...] = (w.astype(jnp.float32) + node.lora_scale * delta).astype(w.dtype)
+        if fold:
+            node.fold_adapters()
         if transpose:
             node.kernel.value = node.kernel[...].T
             node.transposed = True
@@ -131,10 +139,8 @@ def fold_lora(model: nnx.Module) -> None:
     call the model with ``use_lora=False`` afterwards). Used inside jit on a traced copy of the
     weights, e.g. by the sampler: a decode step then runs 4 matmuls per layer instead of 18."""
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, Linear) and node.lora_a is not None:
-            w = node.kernel[...]
-            delta = node.lora_a[...].astype(jnp.float32) @ node.lora_b[...].astype(jnp.float32)
-            node.kernel[...] = (w.astype(jnp.float32) + node.lora_scale * delta).astype(w.dtype)
+        if isinstance(node, Linear):
+            node.fold_adapters()
 
 
 class KVCache(NamedTuple):
