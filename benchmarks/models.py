@@ -216,8 +216,7 @@ def main(argv=None) -> int:
     if "decode" in only:
         measures["decode"] = bench_decode(PEER_CONFIG, PEER_LORA, 32, 128, 128, 1, args.iters)
     peer_scripts = dict(train="torch_train_step.py", decode="torch_generate.py")
-    peer_key = dict(train="tokens_per_s", decode="decode_tokens_per_s")
-    our_key = dict(train="tokens_per_s", decode="decode_tokens_per_s")
+    speed_key = dict(train="tokens_per_s", decode="decode_tokens_per_s")  # same in the peers
     rounds = {name: [] for name in measures}
     # Rounds alternate ours and the peer, so that a slow spell of the machine (CPU steal moves
     # single figures by up to 20% here) hits both sides alike; the ratio reported is the
@@ -237,8 +236,8 @@ def main(argv=None) -> int:
             if args.peers:
                 peer = run_peer(os.path.join(args.peers, peer_scripts[name]), ["--threads", "2"])
                 entry["peer"] = peer
-                entry["ratio"] = ours[our_key[name]] / peer[peer_key[name]]
-                print(f"[round {r + 1}] peer {name}: {peer[peer_key[name]]} tokens/s; ours/peer "
+                entry["ratio"] = ours[speed_key[name]] / peer[speed_key[name]]
+                print(f"[round {r + 1}] peer {name}: {peer[speed_key[name]]} tokens/s; ours/peer "
                       f"= {entry['ratio']:.2f}x", flush=True)
             rounds[name].append(entry)
     if "memory" in only:
@@ -251,11 +250,11 @@ def main(argv=None) -> int:
     rec["matmul_peak_gflops"] = peak / 1e9
     for name, entries in rounds.items():
         # the round with the median ratio (or the median speed without peers) stands for all
-        key = (lambda e: e["ratio"]) if args.peers else (lambda e, n=name: e["ours"][our_key[n]])
+        key = (lambda e: e["ratio"]) if args.peers else (lambda e, n=name: e["ours"][speed_key[n]])
         mid = sorted(entries, key=key)[len(entries) // 2]
         rec[name] = dict(mid["ours"])
-        rec[name]["rounds"] = [dict(ours=e["ours"][our_key[name]],
-                                    peer=e.get("peer", {}).get(peer_key[name]),
+        rec[name]["rounds"] = [dict(ours=e["ours"][speed_key[name]],
+                                    peer=e.get("peer", {}).get(speed_key[name]),
                                     ratio=e.get("ratio")) for e in entries]
         if args.peers:
             rec["peer_" + name] = mid["peer"]
