@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 
 from mtrl_jax.models import CausalLM, LoRAConfig, ModelConfig, init_cache, split_lora
-from mtrl_jax.models.decoding import SamplingParams, generate
+from mtrl_jax.models.decoding import MIN_DECODE_WINDOW, SamplingParams, generate
 from mtrl_jax.models.logprobs import head_logprobs, token_logprobs
 from mtrl_jax.runtime import reexec_with_fast_malloc
 from mtrl_jax.training.lora_step import make_lora_train_step
@@ -123,18 +123,20 @@ def bench_train(cfg, lora, batch, seq, prompt_len, warmup, iters, remat, chunk):
     return measure
 
 
-def bench_decode(cfg, lora, batch, prompt_len, new_tokens, warmup, iters):
+def bench_decode(cfg, lora, batch, prompt_len, new_tokens, warmup, iters, cache_len=None,
+                 min_window=MIN_DECODE_WINDOW):
     model = CausalLM(cfg, lora, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     prompt = jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
     lens = jnp.full((batch,), prompt_len, jnp.int32)
-    cache_len = prompt_len + new_tokens
+    cache_len = cache_len or prompt_len + new_tokens
 
     def run(n):
         params = SamplingParams(temperature=1.0, max_tokens=n)
         cache = init_cache(cfg, batch, cache_len)
         t = time.perf_counter()
-        out = generate(model, cache, prompt, lens, jax.random.key(0), params)
+        out = generate(model, cache, prompt, lens, jax.random.key(0), params,
+                       min_window=min_window)
         jax.block_until_ready(out.tokens)
         dt = time.perf_counter() - t
         assert int(out.num_tokens.min()) == n
@@ -166,6 +168,25 @@ def bench_decode(cfg, lora, batch, prompt_len, new_tokens, warmup, iters):
     return measure
 
 
+def bench_long_cache(cfg, lora, batch, prompt_len, new_tokens, cache_len, iters, rounds):
+    """The decode benchmark with a cache of ``cache_len`` slots (a sampler sized for whole
+    episodes): steps attending over growing windows (the default) versus over the whole cache,
+    alternated ``rounds`` times; ratio = median of the per-round ratios."""
+    windowed = bench_decode(cfg, lora, batch, prompt_len, new_tokens, 0, iters, cache_len)
+    whole = bench_decode(cfg, lora, batch, prompt_len, new_tokens, 0, iters, cache_len, None)
+    out = dict(cache_len=cache_len, min_window=MIN_DECODE_WINDOW, rounds=[])
+    for r in range(rounds):
+        w, a = windowed(), whole()
+        ratio = w["decode_tokens_per_s"] / a["decode_tokens_per_s"]
+        out["rounds"].append(dict(windowed=w["decode_tokens_per_s"],
+                                  whole_cache=a["decode_tokens_per_s"], ratio=ratio))
+        print(f"[round {r + 1}] decode b{batch}, cache {cache_len}: windowed "
+              f"{w['decode_tokens_per_s']:.0f} tokens/s, whole cache "
+              f"{a['decode_tokens_per_s']:.0f} tokens/s = {ratio:.2f}x", flush=True)
+    out["ratio"] = statistics.median(e["ratio"] for e in out["rounds"])
+    return out
+
+
 def bench_logprob_memory(vocab=151_936, tokens=8192, hidden=896, chunk=1024):
     hid = jax.ShapeDtypeStruct((tokens, hidden), jnp.float32)
     tgt = jax.ShapeDtypeStruct((tokens,), jnp.int32)
@@ -194,7 +215,7 @@ def run_peer(script, args):
 def main(argv=None) -> int:
     reexec_with_fast_malloc()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", default="train,decode,memory")
+    p.add_argument("--only", default="train,decode,long_cache,memory")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--remat", action="store_true")
@@ -240,6 +261,11 @@ def main(argv=None) -> int:
                 print(f"[round {r + 1}] peer {name}: {peer[speed_key[name]]} tokens/s; ours/peer "
                       f"= {entry['ratio']:.2f}x", flush=True)
             rounds[name].append(entry)
+    if "long_cache" in only:
+        rec["decode_long_cache"] = r = bench_long_cache(PEER_CONFIG, PEER_LORA, 32, 128, 128,
+                                                        4096, 1, max(1, args.rounds))
+        print(f"decode with a 4096-slot cache: windowed / whole cache = {r['ratio']:.2f}x",
+              flush=True)
     if "memory" in only:
         r = bench_logprob_memory()
         rec["logprob_memory"] = r

@@ -20,7 +20,13 @@ from mtrl_jax.models import (
     save_model,
     split_lora,
 )
-from mtrl_jax.models.decoding import SamplingParams, _generate_jit, bucket_length, generate
+from mtrl_jax.models.decoding import (
+    SamplingParams,
+    _generate_jit,
+    bucket_length,
+    decode_windows,
+    generate,
+)
 from mtrl_jax.models.logprobs import head_logprobs, token_logprobs
 from mtrl_jax.models.transformer import prepare_decode_weights
 from mtrl_jax.training.lora_step import make_lora_train_step
@@ -272,6 +278,46 @@ def test_sampling_controls():
     small = generate(model, init_cache(model.cfg, 2, 14), prompts, lens, jax.random.key(3),
                      SamplingParams(temperature=0.0, max_tokens=8))
     assert int(small.num_tokens[1]) == 14 - 11 + 1 and not bool(small.stopped[1])
+
+
+def test_decode_windows():
+    assert decode_windows(4096) == [512, 1024, 2048, 4096]
+    assert decode_windows(1000) == [512, 1000]
+    assert decode_windows(512) == [512] and decode_windows(256) == [256]
+    assert decode_windows(64, 8) == [8, 16, 32, 64]
+    assert decode_windows(4096, None) == [4096]
+
+
+def test_windowed_decoding_equals_whole_cache_decoding():
+    """Steps that attend over growing windows of the cache (8, 16, 32, then all 64 slots) give
+    the tokens, log-probs and cache of steps that always attend over all 64; rows cross window
+    borders at different steps, one stops early on its budget, one fills the cache."""
+    model = perturbed_model(LAYOUTS["qwen2"], LORA)
+    prompts = np.random.default_rng(11).integers(0, 101, (3, 16))
+    lens = np.array([3, 14, 7])
+    params = SamplingParams(temperature=1.0, max_tokens=56)
+    max_new = jnp.array([56, 56, 5])
+
+    def run(min_window):
+        return generate(model, init_cache(model.cfg, 3, 64), prompts, lens, jax.random.key(5),
+                        params, max_new=max_new, min_window=min_window)
+
+    whole, windowed = run(None), run(8)
+    np.testing.assert_array_equal(windowed.num_tokens, whole.num_tokens)
+    np.testing.assert_array_equal(windowed.num_tokens, [56, 64 - 14 + 1, 5])
+    np.testing.assert_array_equal(windowed.tokens, whole.tokens)
+    np.testing.assert_allclose(windowed.logprobs, whole.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(windowed.cache.lengths, whole.cache.lengths)
+    for a, b in zip(windowed.cache.k + windowed.cache.v, whole.cache.k + whole.cache.v,
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # and the windowed log-probs are the full forward's
+    for i in range(3):
+        n = int(windowed.num_tokens[i])
+        seq = list(prompts[i, :lens[i]]) + list(np.asarray(windowed.tokens[i, :n]))
+        full = _episode_logprobs(model, seq)
+        np.testing.assert_allclose(np.asarray(windowed.logprobs[i, :n]),
+                                   full[lens[i]:lens[i] + n], atol=3e-5)
 
 
 def test_no_recompilation_across_turns():

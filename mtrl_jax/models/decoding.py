@@ -123,6 +123,31 @@ def _inverse_cdf_sample(logits: jax.Array, key: jax.Array) -> jax.Array:
     return (blk * c + jnp.minimum(j, last_in)).astype(jnp.int32)
 
 
+#: Smallest attention window of the decode loop (see :func:`decode_windows`).
+MIN_DECODE_WINDOW = 512
+
+
+def decode_windows(max_len: int, min_window: int | None = MIN_DECODE_WINDOW) -> list[int]:
+    """The attention windows the decode loop goes through for a cache of ``max_len`` slots:
+    ``min_window, 2 * min_window, ...`` below ``max_len``, then ``max_len`` itself.
+
+    A decode step's attention reads the whole window, so a loop that always attended over the
+    cache's full length would read a 4,096-slot cache for a 300-token episode. Instead the loop
+    runs in phases: while every live row's next position is inside a window, steps attend over
+    that window only; then the next, twice as long. Each window is a separate loop body in the
+    compiled program (compile time grows with their number; ``None`` or a ``min_window >=
+    max_len`` gives one body over the whole cache). Results equal the one-window loop's up to
+    f32 summation order.
+    """
+    if min_window is None or min_window <= 0:
+        return [max_len]
+    out, w = [], int(min_window)
+    while w < max_len:
+        out.append(w)
+        w *= 2
+    return out + [max_len]
+
+
 def _last_hidden(hidden: jax.Array, num_new: jax.Array) -> jax.Array:
     idx = jnp.maximum(num_new - 1, 0)
     return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
@@ -130,7 +155,7 @@ def _last_hidden(hidden: jax.Array, num_new: jax.Array) -> jax.Array:
 
 def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
               key: jax.Array, max_new: jax.Array, params: SamplingParams, max_new_tokens: int,
-              use_lora: bool) -> GenerateOutput:
+              use_lora: bool, min_window: int | None = None) -> GenerateOutput:
     b = inputs.shape[0]
     hidden, cache = model.extend(cache, inputs, num_inputs, use_lora=use_lora)
     logits = model.logits(_last_hidden(hidden, num_inputs))
@@ -147,14 +172,11 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
     stopped = active & jnp.isin(tok, stop_ids)
     done = ~active | stopped | (count >= max_new) | (cache.lengths >= cache.max_len)
 
-    def cond(carry):
-        step, _, _, done, *_ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
+    def body(carry, window):
         step, cache, last, done, count, stopped, out_tok, out_lp, key = carry
         feed = (~done).astype(jnp.int32)
-        hidden, cache = model.extend(cache, last[:, None], feed, use_lora=use_lora)
+        hidden, cache = model.extend(cache, last[:, None], feed, use_lora=use_lora,
+                                     window=window)
         logits = model.logits(hidden[:, 0])
         key, sub = jax.random.split(key)
         tok, lp = sample_from_logits(logits, sub, params)
@@ -168,29 +190,42 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
         done = done | hit | (count >= max_new) | (cache.lengths >= cache.max_len)
         return step + 1, cache, last, done, count, stopped, out_tok, out_lp, key
 
+    def cond(carry, window):
+        step, cache, _, done, *_ = carry
+        go = (step < max_new_tokens) & ~jnp.all(done)
+        if window is not None:  # a live row writes at position lengths: it must be < window
+            go = go & jnp.all(done | (cache.lengths < window))
+        return go
+
     carry = (jnp.int32(1), cache, tok, done, count, stopped, out_tok, out_lp, key)
-    _, cache, _, _, count, stopped, out_tok, out_lp, _ = jax.lax.while_loop(cond, body, carry)
+    windows = decode_windows(cache.max_len, min_window)
+    for w in windows:
+        window = None if w == cache.max_len else w
+        carry = jax.lax.while_loop(functools.partial(cond, window=window),
+                                   functools.partial(body, window=window), carry)
+    _, cache, _, _, count, stopped, out_tok, out_lp, _ = carry
     return GenerateOutput(out_tok, out_lp, count, stopped, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "use_lora",
-                                             "fold"),
+                                             "fold", "min_window"),
                    donate_argnames=("cache",))
 def _generate_jit(graphdef, state, cache, inputs, num_inputs, key, max_new, params,
-                  max_new_tokens, use_lora, fold):
+                  max_new_tokens, use_lora, fold, min_window=MIN_DECODE_WINDOW):
     model = nnx.merge(graphdef, state)
     transpose = jax.default_backend() == "cpu"
     if (use_lora and fold) or (transpose and not use_lora):
         prepare_decode_weights(model, fold=use_lora, transpose=transpose)
         use_lora = False
     return _generate(model, cache, inputs, num_inputs, key, max_new, params, max_new_tokens,
-                     use_lora)
+                     use_lora, min_window)
 
 
 def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
              key: jax.Array, params: SamplingParams, *, max_new: jax.Array | None = None,
              max_new_tokens: int | None = None, use_lora: bool = True,
-             fold_lora_weights: bool = True) -> GenerateOutput:
+             fold_lora_weights: bool = True,
+             min_window: int | None = MIN_DECODE_WINDOW) -> GenerateOutput:
     """Feed ``inputs [B, T]`` (first ``num_inputs [B]`` real, each ``>= 1``) after the cache's
     contents, then sample.
 
@@ -206,6 +241,8 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
         the copy is also transposed, see
         :func:`~mtrl_jax.models.transformer.prepare_decode_weights`). The log-probs
         then differ from the unfolded forward by f32 rounding only.
+      min_window: the decode loop's smallest attention window (:func:`decode_windows`;
+        ``None``: every step attends over the whole cache).
 
     Rows generate until a stop token, their budget, or a full cache. The returned cache holds
     everything but each row's last sampled token, which the next call's ``inputs`` must begin
@@ -221,4 +258,4 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
     return _generate_jit(graphdef, state, cache, jnp.asarray(inputs, jnp.int32),
                          jnp.asarray(num_inputs, jnp.int32), key,
                          jnp.minimum(jnp.asarray(max_new, jnp.int32), max_new_tokens),
-                         params, max_new_tokens, use_lora, fold_lora_weights)
+                         params, max_new_tokens, use_lora, fold_lora_weights, min_window)

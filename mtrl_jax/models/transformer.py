@@ -310,7 +310,8 @@ class DecoderLayer(nnx.Module):
         """Like ``__call__`` but attends over the cache after writing this step's keys/values.
 
         ``k_cache [B, KV, D, S]``, ``v_cache [B, KV, S, D]``; ``write_pos [B, T]`` (``S`` =
-        drop, for padding).
+        drop, for padding); ``mask [B, T, W]`` with ``W <= S``: attention reads only the first
+        ``W`` cache slots (see :meth:`CausalLM.extend`'s ``window``).
         """
         attn = self.self_attn
         q, k, v = attn.qkv(self.input_layernorm(x), cos, sin, use_lora)
@@ -318,7 +319,9 @@ class DecoderLayer(nnx.Module):
         # [B, T, KV, D] keys scattered to [B, :, :, write_pos], values to [B, :, write_pos, :]
         k_cache = k_cache.at[b_idx, :, :, write_pos].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[b_idx, :, write_pos].set(v.astype(v_cache.dtype), mode="drop")
-        out = attend_cache(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        w = mask.shape[-1]
+        out = attend_cache(q, k_cache[..., :w].astype(q.dtype),
+                           v_cache[:, :, :w].astype(q.dtype), mask)
         h = x + attn.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
         return h + self.mlp(self.post_attention_layernorm(h), use_lora), k_cache, v_cache
 
@@ -428,20 +431,26 @@ class CausalLM(nnx.Module):
     # ------------------------------------------------------------------ cached forward
 
     def extend(self, cache: KVCache, tokens: jax.Array, num_new: jax.Array, *,
-               use_lora: bool = True) -> tuple[jax.Array, KVCache]:
+               use_lora: bool = True, window: int | None = None) -> tuple[jax.Array, KVCache]:
         """Append ``tokens [B, T]`` (the first ``num_new [B]`` of each row are real) to the cache.
 
         Returns the final-normed hidden states ``[B, T, H]`` of the new tokens and the updated
         cache (``lengths += num_new``). New tokens get positions ``lengths[b] + t``; tokens that
         would not fit in the cache are dropped (the caller sizes the cache; the sampler checks).
+
+        ``window`` (static): attend over the first ``window`` cache slots only, so that a step's
+        attention reads what the cache holds rather than its whole length. The caller ensures
+        every real new token's position is ``< window`` (the outputs of rows where it is not are
+        wrong; their cache writes are still right).
         """
         t = tokens.shape[1]
         s = cache.max_len
+        w = s if window is None else min(int(window), s)
         offs = jnp.arange(t)[None, :]
         positions = cache.lengths[:, None] + offs
         real = offs < num_new[:, None]
         write_pos = jnp.where(real & (positions < s), positions, s)
-        key_idx = jnp.arange(s)[None, None, :]
+        key_idx = jnp.arange(w)[None, None, :]
         mask = key_idx <= positions[:, :, None]
         x = self.embed(tokens)
         cos, sin = self.rope(positions)
