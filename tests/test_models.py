@@ -289,35 +289,51 @@ def test_decode_windows():
 
 
 def test_windowed_decoding_equals_whole_cache_decoding():
-    """Steps that attend over growing windows of the cache (8, 16, 32, then all 64 slots) give
-    the tokens, log-probs and cache of steps that always attend over all 64; rows cross window
-    borders at different steps, one stops early on its budget, one fills the cache."""
+    """Prefills and steps that attend over windows of the cache (8, 16, 32, then all 64 slots)
+    give the tokens, log-probs and cache of attending over all 64, over two turns; rows cross
+    window borders at different steps, one stops early on its budget, one fills the cache."""
     model = perturbed_model(LAYOUTS["qwen2"], LORA)
-    prompts = np.random.default_rng(11).integers(0, 101, (3, 16))
+    rng = np.random.default_rng(11)
+    prompts = rng.integers(0, 101, (3, 16))
     lens = np.array([3, 14, 7])
-    params = SamplingParams(temperature=1.0, max_tokens=56)
-    max_new = jnp.array([56, 56, 5])
+    appended = rng.integers(0, 101, (3, 4))
+    params = SamplingParams(temperature=1.0, max_tokens=48)
 
-    def run(min_window):
-        return generate(model, init_cache(model.cfg, 3, 64), prompts, lens, jax.random.key(5),
-                        params, max_new=max_new, min_window=min_window)
+    def two_turns(min_window):
+        first = generate(model, init_cache(model.cfg, 3, 64), prompts, lens, jax.random.key(5),
+                         params, max_new=jnp.array([6, 15, 2]), min_window=min_window)
+        # next turn: each row's last sampled token + 4 appended tokens; the longest row then
+        # holds 33 tokens, one past the 32-slot window
+        last = first.tokens[jnp.arange(3), first.num_tokens - 1]
+        inputs = jnp.concatenate([last[:, None], jnp.asarray(appended, jnp.int32)], axis=1)
+        second = generate(model, first.cache, inputs, np.array([5, 5, 5]), jax.random.key(6),
+                          params, max_new=jnp.array([48, 48, 3]), min_window=min_window)
+        return first, second
 
-    whole, windowed = run(None), run(8)
-    np.testing.assert_array_equal(windowed.num_tokens, whole.num_tokens)
-    np.testing.assert_array_equal(windowed.num_tokens, [56, 64 - 14 + 1, 5])
-    np.testing.assert_array_equal(windowed.tokens, whole.tokens)
-    np.testing.assert_allclose(windowed.logprobs, whole.logprobs, atol=1e-5)
-    np.testing.assert_array_equal(windowed.cache.lengths, whole.cache.lengths)
-    for a, b in zip(windowed.cache.k + windowed.cache.v, whole.cache.k + whole.cache.v,
-                    strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    whole, windowed = two_turns(None), two_turns(8)
+    for w, a in zip(windowed, whole, strict=True):
+        np.testing.assert_array_equal(w.num_tokens, a.num_tokens)
+        np.testing.assert_array_equal(w.tokens, a.tokens)
+        np.testing.assert_allclose(w.logprobs, a.logprobs, atol=1e-5)
+    w, a = windowed[1].cache, whole[1].cache  # (the first turn's caches went to the second)
+    np.testing.assert_array_equal(w.lengths, a.lengths)
+    for x, y in zip(w.k + w.v, a.k + a.v, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    first, second = windowed
+    np.testing.assert_array_equal(first.num_tokens, [6, 15, 2])
+    np.testing.assert_array_equal(second.num_tokens, [48, 64 - 33 + 1, 3])
     # and the windowed log-probs are the full forward's
     for i in range(3):
-        n = int(windowed.num_tokens[i])
-        seq = list(prompts[i, :lens[i]]) + list(np.asarray(windowed.tokens[i, :n]))
+        n1, n2 = int(first.num_tokens[i]), int(second.num_tokens[i])
+        seq = (list(prompts[i, :lens[i]]) + list(np.asarray(first.tokens[i, :n1]))
+               + list(appended[i]))
+        start = len(seq)
+        seq += list(np.asarray(second.tokens[i, :n2]))
         full = _episode_logprobs(model, seq)
-        np.testing.assert_allclose(np.asarray(windowed.logprobs[i, :n]),
-                                   full[lens[i]:lens[i] + n], atol=3e-5)
+        np.testing.assert_allclose(np.asarray(first.logprobs[i, :n1]),
+                                   full[lens[i]:lens[i] + n1], atol=3e-5)
+        np.testing.assert_allclose(np.asarray(second.logprobs[i, :n2]),
+                                   full[start:start + n2], atol=3e-5)
 
 
 def test_no_recompilation_across_turns():

@@ -134,10 +134,11 @@ def decode_windows(max_len: int, min_window: int | None = MIN_DECODE_WINDOW) -> 
     A decode step's attention reads the whole window, so a loop that always attended over the
     cache's full length would read a 4,096-slot cache for a 300-token episode. Instead the loop
     runs in phases: while every live row's next position is inside a window, steps attend over
-    that window only; then the next, twice as long. Each window is a separate loop body in the
-    compiled program (compile time grows with their number; ``None`` or a ``min_window >=
-    max_len`` gives one body over the whole cache). Results equal the one-window loop's up to
-    f32 summation order.
+    that window only; then the next, twice as long. The input tokens fed before the loop (a
+    prompt, or the next turn's tool results) attend over the smallest window that holds them.
+    Each window is a separate loop body and prefill branch in the compiled program (compile
+    time grows with their number; ``None`` or a ``min_window >= max_len`` gives one window, the
+    whole cache). Results equal the one-window program's up to f32 summation order.
     """
     if min_window is None or min_window <= 0:
         return [max_len]
@@ -157,7 +158,21 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
               key: jax.Array, max_new: jax.Array, params: SamplingParams, max_new_tokens: int,
               use_lora: bool, min_window: int | None = None) -> GenerateOutput:
     b = inputs.shape[0]
-    hidden, cache = model.extend(cache, inputs, num_inputs, use_lora=use_lora)
+    windows = decode_windows(cache.max_len, min_window)
+    if len(windows) == 1:
+        hidden, cache = model.extend(cache, inputs, num_inputs, use_lora=use_lora)
+    else:
+        # the input tokens attend over the smallest window that holds them all (one branch per
+        # window; the chosen one runs)
+        need = jnp.max(cache.lengths + num_inputs)
+        pick = jnp.sum(need > jnp.asarray(windows[:-1], jnp.int32))
+
+        def prefill(cache, window):
+            return model.extend(cache, inputs, num_inputs, use_lora=use_lora, window=window)
+
+        hidden, cache = jax.lax.switch(
+            pick, [functools.partial(prefill, window=None if w == cache.max_len else w)
+                   for w in windows], cache)
     logits = model.logits(_last_hidden(hidden, num_inputs))
     key, sub = jax.random.split(key)
     tok, lp = sample_from_logits(logits, sub, params)
@@ -198,7 +213,6 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
         return go
 
     carry = (jnp.int32(1), cache, tok, done, count, stopped, out_tok, out_lp, key)
-    windows = decode_windows(cache.max_len, min_window)
     for w in windows:
         window = None if w == cache.max_len else w
         carry = jax.lax.while_loop(functools.partial(cond, window=window),
