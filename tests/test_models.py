@@ -289,7 +289,7 @@ def test_decode_windows():
 
 
 def test_windowed_decoding_equals_whole_cache_decoding():
-    """Prefills and steps that attend over windows of the cache (8, 16, 32, then all 64 slots)
+    """Prefills and steps that attend over windows of the cache (16, 32, then all 64 slots)
     give the tokens, log-probs and cache of attending over all 64, over two turns; rows cross
     window borders at different steps, one stops early on its budget, one fills the cache."""
     model = perturbed_model(LAYOUTS["qwen2"], LORA)
@@ -305,12 +305,13 @@ def test_windowed_decoding_equals_whole_cache_decoding():
         # next turn: each row's last sampled token + 4 appended tokens; the longest row then
         # holds 33 tokens, one past the 32-slot window
         last = first.tokens[jnp.arange(3), first.num_tokens - 1]
-        inputs = jnp.concatenate([last[:, None], jnp.asarray(appended, jnp.int32)], axis=1)
+        inputs = jnp.concatenate([last[:, None], jnp.asarray(appended, jnp.int32),
+                                  jnp.zeros((3, 11), jnp.int32)], axis=1)  # one input shape
         second = generate(model, first.cache, inputs, np.array([5, 5, 5]), jax.random.key(6),
                           params, max_new=jnp.array([48, 48, 3]), min_window=min_window)
         return first, second
 
-    whole, windowed = two_turns(None), two_turns(8)
+    whole, windowed = two_turns(None), two_turns(16)
     for w, a in zip(windowed, whole, strict=True):
         np.testing.assert_array_equal(w.num_tokens, a.num_tokens)
         np.testing.assert_array_equal(w.tokens, a.tokens)
