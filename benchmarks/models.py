@@ -13,6 +13,8 @@ q/k/v bias, random init, f32 (25,308,160 params); LoRA r=16, alpha=32 on q/k/v/o
 - decode: batch 32, prompt 128, 128 new tokens, pure sampling at temperature 1, no stop token;
   ``total`` = prefill + 128 sampled tokens, ``prefill`` = a 1-token run, ``decode`` = the
   difference (127 steps), as the peer measures.
+- long_cache: the decode benchmark with a 4,096-slot cache, decode steps attending over growing
+  windows of the cache (the default) versus over all of it, alternated ``--rounds`` times.
 - logprob_memory: compiled temporary memory of the chunked log-prob + its gradient over
   vocab 151,936 x 8,192 tokens (hidden 896) versus the bytes of the full f32 logits.
 
