@@ -1,5 +1,6 @@
 """The NNX decoder without torch: log-probs, packing, LoRA, cache decoding, checkpoints."""
 
+import functools
 import json
 import os
 
@@ -161,6 +162,40 @@ def test_prepared_decode_weights_give_the_same_logits(layout, fold, transpose):
     np.testing.assert_array_equal(head, tuned.lm_head_kernel())  # [hidden, vocab] either way
     if fold:  # the adapters were folded in, not dropped
         assert not np.allclose(logits, tuned(tokens, use_lora=False), atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_feature_major_decode_step_equals_extend(layout):
+    """The CPU decode step (kernels [out, in], activations [features, rows]) gives the logits
+    and the cache of ``extend`` + ``logits`` on the unprepared model; a row fed nothing keeps
+    its cache; a window narrower than the cache changes nothing."""
+    cfg = LAYOUTS[layout]
+    tuned = perturbed_model(cfg, LORA)
+    graphdef, state = nnx.split(tuned)
+    rng = np.random.default_rng(7)
+    lens = jnp.asarray([5, 3, 4], jnp.int32)
+    _, cache = tuned.extend(init_cache(cfg, 3, 16), jnp.asarray(rng.integers(0, 101, (3, 5))),
+                            lens)
+    tokens = jnp.asarray(rng.integers(0, 101, (3,)), jnp.int32)
+    feed = jnp.asarray([1, 0, 1], jnp.int32)
+    hidden, want_cache = tuned.extend(cache, tokens[:, None], feed)
+    want = tuned.logits(hidden[:, 0])
+
+    @functools.partial(jax.jit, static_argnames="window")
+    def step(state, cache, window):
+        model = nnx.merge(graphdef, state)
+        prepare_decode_weights(model, fold=True, transpose=True)
+        assert model.feature_major_decode
+        return model.decode_logits(cache, tokens, feed, use_lora=False, window=window)
+
+    for window in (None, 8):
+        logits, got_cache = step(state, cache, window)
+        np.testing.assert_allclose(logits[feed > 0], want[feed > 0], atol=2e-5)
+        np.testing.assert_array_equal(got_cache.lengths, lens + feed)
+        for got, ref, before in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v,
+                                    cache.k + cache.v, strict=True):
+            np.testing.assert_allclose(got, ref, atol=2e-5)
+            np.testing.assert_array_equal(got[1], before[1])  # the row fed nothing
 
 
 def test_lora_step_updates_only_lora():

@@ -190,9 +190,8 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
     def body(carry, window):
         step, cache, last, done, count, stopped, out_tok, out_lp, key = carry
         feed = (~done).astype(jnp.int32)
-        hidden, cache = model.extend(cache, last[:, None], feed, use_lora=use_lora,
-                                     window=window)
-        logits = model.logits(hidden[:, 0])
+        logits, cache = model.decode_logits(cache, last, feed, use_lora=use_lora,
+                                            window=window)
         key, sub = jax.random.split(key)
         tok, lp = sample_from_logits(logits, sub, params)
         live = ~done

@@ -97,3 +97,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     c = cos[:, :, None, :].astype(x.dtype)
     s = sin[:, :, None, :].astype(x.dtype)
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def apply_rope_t(x: jax.Array, cos_t: jax.Array, sin_t: jax.Array) -> jax.Array:
+    """Feature-major :func:`apply_rope`: ``x [heads, head_dim, N]``, ``cos_t, sin_t
+    [head_dim // 2, N]`` (one position per column)."""
+    half = x.shape[1] // 2
+    x1, x2 = x[:, :half], x[:, half:]
+    c = cos_t[None].astype(x.dtype)
+    s = sin_t[None].astype(x.dtype)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=1)
