@@ -257,7 +257,8 @@ def main(argv=None) -> int:
                       f"tokens/s, {ours['end_to_end_tokens_per_s']:.0f} end-to-end (prefill "
                       f"{ours['prefill_s']:.2f} s, compile {ours['compile_s']} s)", flush=True)
             if args.peers:
-                peer = run_peer(os.path.join(args.peers, peer_scripts[name]), ["--threads", "2"])
+                peer = run_peer(os.path.join(args.peers, peer_scripts[name]),
+                                ["--threads", "2", "--iters", str(args.iters)])
                 entry["peer"] = peer
                 entry["ratio"] = ours[speed_key[name]] / peer[speed_key[name]]
                 print(f"[round {r + 1}] peer {name}: {peer[speed_key[name]]} tokens/s; ours/peer "

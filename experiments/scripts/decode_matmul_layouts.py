@@ -73,16 +73,34 @@ def step_wtx(xt, lays, head):  # xt [Hd, M]
     return xt + 1e-3 * jnp.max(logits, 0, keepdims=True)
 
 
+def step_wtx_fused(xt, lays, head):  # q/k/v and gate/up weights concatenated: 4 dots a layer
+    for lay in lays:
+        qkv = lay["qkv"] @ xt
+        q, k, v = qkv[:512], qkv[512:640], qkv[640:]
+        a = q * (1.0 + jnp.mean(k) + jnp.mean(v))
+        xt = xt + lay["o"] @ a
+        gu = lay["gu"] @ xt
+        xt = xt + lay["d"] @ (jax.nn.silu(gu[:FF]) * gu[FF:])
+        xt = xt * jax.lax.rsqrt(jnp.mean(xt * xt, 0, keepdims=True) + 1e-6)
+    logits = head @ xt  # [V, M]
+    return xt + 1e-3 * jnp.max(logits, 0, keepdims=True)
+
+
 def loop(step):
     return jax.jit(lambda x, lays, head: jax.lax.fori_loop(
         0, args.reps, lambda _, x: step(x, lays, head), x))
 
 
 fs = dict(xw=(loop(step_xw), x0, layers, head), xwt=(loop(step_xwt), x0, layers_t, head_t),
-          wtx=(loop(step_wtx), x0.T.copy(), layers_t, head_t))
+          wtx=(loop(step_wtx), x0.T.copy(), layers_t, head_t),
+          wtx_fused=(loop(step_wtx_fused), x0.T.copy(),
+                     [dict(qkv=jnp.concatenate([t["q"], t["k"], t["v"]]), o=t["o"],
+                           gu=jnp.concatenate([t["g"], t["u"]]), d=t["d"]) for t in layers_t],
+                     head_t))
 outs = {n: f(*a).block_until_ready() for n, (f, *a) in fs.items()}
 print("max |xwt - xw|", float(jnp.max(jnp.abs(outs["xwt"] - outs["xw"]))),
-      "max |wtx^T - xw|", float(jnp.max(jnp.abs(outs["wtx"].T - outs["xw"]))))
+      "max |wtx^T - xw|", float(jnp.max(jnp.abs(outs["wtx"].T - outs["xw"]))),
+      "max |wtx_fused^T - xw|", float(jnp.max(jnp.abs(outs["wtx_fused"].T - outs["xw"]))))
 times = {n: [] for n in fs}
 for _ in range(args.rounds):
     for n, (f, *a) in fs.items():
@@ -90,5 +108,5 @@ for _ in range(args.rounds):
         f(*a).block_until_ready()
         times[n].append((time.perf_counter() - t) / args.reps * 1e3)
 for n, ts in times.items():
-    print(f"{n:5s} min {min(ts):6.2f} median {statistics.median(ts):6.2f} ms per step "
+    print(f"{n:9s} min {min(ts):6.2f} median {statistics.median(ts):6.2f} ms per step "
           "(42 dots + head)")
