@@ -405,7 +405,8 @@ def test_matches_numpy_reference(batch, name, aggregation, kl, tis):
     def f(lp):
         return policy_loss(name, _inputs(b)._replace(logprobs=lp), LOSS_PARAMS[name], cfg)[0]
 
-    loss, grad = jax.value_and_grad(f)(jnp.asarray(b["logp"]))
+    # jitted: one compilation per example is ~5x faster than running its ops one by one
+    loss, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(b["logp"]))
     want_loss, want_grad = ref.policy_loss(
         name, b["logp"], b["old"], b["adv"], b["mask"], b["seg"], params=REF_PARAMS[name],
         aggregation=aggregation, norm_length=12, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
