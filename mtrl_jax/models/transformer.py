@@ -343,7 +343,6 @@ class DecoderLayer(nnx.Module):
         h = x + attn.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
         return h + self.mlp(self.post_attention_layernorm(h), use_lora), k_cache, v_cache
 
-
     def extend_t(self, xt, cos_t, sin_t, mask, k_cache, v_cache, write_pos):
         """One new token per row, feature-major (see :meth:`CausalLM.decode_logits`):
         ``xt [hidden, B]``, ``cos_t, sin_t [head_dim // 2, B]``, ``mask [B, W]``, ``write_pos
