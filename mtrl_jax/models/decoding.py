@@ -159,17 +159,17 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
               use_lora: bool, min_window: int | None = None) -> GenerateOutput:
     b = inputs.shape[0]
     windows = decode_windows(cache.max_len, min_window)
+
+    def prefill(cache, window):
+        return model.extend(cache, inputs, num_inputs, use_lora=use_lora, window=window)
+
     if len(windows) == 1:
-        hidden, cache = model.extend(cache, inputs, num_inputs, use_lora=use_lora)
+        hidden, cache = prefill(cache, None)
     else:
         # the input tokens attend over the smallest window that holds them all (one branch per
         # window; the chosen one runs)
         need = jnp.max(cache.lengths + num_inputs)
         pick = jnp.sum(need > jnp.asarray(windows[:-1], jnp.int32))
-
-        def prefill(cache, window):
-            return model.extend(cache, inputs, num_inputs, use_lora=use_lora, window=window)
-
         hidden, cache = jax.lax.switch(
             pick, [functools.partial(prefill, window=None if w == cache.max_len else w)
                    for w in windows], cache)
