@@ -316,9 +316,10 @@ def test_sampling_controls():
 
 
 def test_decode_windows():
-    assert decode_windows(4096) == [512, 1024, 2048, 4096]
-    assert decode_windows(1000) == [512, 1000]
-    assert decode_windows(512) == [512] and decode_windows(256) == [256]
+    assert decode_windows(4096) == [256, 512, 1024, 2048, 4096]
+    assert decode_windows(1000) == [256, 512, 1000]
+    assert decode_windows(512) == [256, 512] and decode_windows(256) == [256]
+    assert decode_windows(200) == [200]
     assert decode_windows(64, 8) == [8, 16, 32, 64]
     assert decode_windows(4096, None) == [4096]
 

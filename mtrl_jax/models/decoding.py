@@ -124,7 +124,7 @@ def _inverse_cdf_sample(logits: jax.Array, key: jax.Array) -> jax.Array:
 
 
 #: Smallest attention window of the decode loop (see :func:`decode_windows`).
-MIN_DECODE_WINDOW = 512
+MIN_DECODE_WINDOW = 256
 
 
 def decode_windows(max_len: int, min_window: int | None = MIN_DECODE_WINDOW) -> list[int]:
