@@ -375,6 +375,20 @@ class DecoderLayer(nnx.Module):
         return h, k_cache, v_cache
 
 
+def _cache_slots(cache: KVCache, num_new: jax.Array, t: int, window: int | None):
+    """For ``t`` new tokens per row (the first ``num_new [B]`` real) after the cache's contents:
+    their positions ``[B, t]``, the slots they are written to ``[B, t]`` (``S`` = drop: padding
+    or past the cache) and the attention mask over the first ``window`` slots ``[B, t, W]``."""
+    s = cache.max_len
+    w = s if window is None else min(int(window), s)
+    offs = jnp.arange(t)[None, :]
+    positions = cache.lengths[:, None] + offs
+    real = offs < num_new[:, None]
+    write_pos = jnp.where(real & (positions < s), positions, s)
+    mask = jnp.arange(w)[None, None, :] <= positions[:, :, None]
+    return positions, write_pos, mask
+
+
 class CausalLM(nnx.Module):
     """The decoder with its embedding and LM head.
 
@@ -495,15 +509,8 @@ class CausalLM(nnx.Module):
         every real new token's position is ``< window`` (the outputs of rows where it is not are
         wrong; their cache writes are still right).
         """
-        t = tokens.shape[1]
         s = cache.max_len
-        w = s if window is None else min(int(window), s)
-        offs = jnp.arange(t)[None, :]
-        positions = cache.lengths[:, None] + offs
-        real = offs < num_new[:, None]
-        write_pos = jnp.where(real & (positions < s), positions, s)
-        key_idx = jnp.arange(w)[None, None, :]
-        mask = key_idx <= positions[:, :, None]
+        positions, write_pos, mask = _cache_slots(cache, num_new, tokens.shape[1], window)
         x = self.embed(tokens)
         cos, sin = self.rope(positions)
         ks, vs = [], []
@@ -534,10 +541,8 @@ class CausalLM(nnx.Module):
                                         window=window)
             return self.logits(hidden[:, 0]), cache
         s = cache.max_len
-        w = s if window is None else min(int(window), s)
-        pos = cache.lengths
-        write_pos = jnp.where((feed > 0) & (pos < s), pos, s)
-        mask = jnp.arange(w)[None, :] <= pos[:, None]
+        positions, write_pos, mask = _cache_slots(cache, feed, 1, window)
+        pos, write_pos, mask = positions[:, 0], write_pos[:, 0], mask[:, 0]
         xt = self.embed(tokens).T
         cos, sin = self.rope(pos)
         cos_t, sin_t = cos.T, sin.T
