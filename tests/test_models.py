@@ -21,6 +21,7 @@ from mtrl_jax.models import (
     save_model,
     split_lora,
 )
+from mtrl_jax.models.cpu_kernels import find_compiler
 from mtrl_jax.models.decoding import (
     SamplingParams,
     _generate_jit,
@@ -35,6 +36,7 @@ from tests.model_helpers import LAYOUTS, full_logprobs, perturbed_model
 from tests.packed_data import pack, scatter
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
+HAVE_CXX = find_compiler() is not None  # the CPU decode-attention kernel builds
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -181,15 +183,17 @@ def test_feature_major_decode_step_equals_extend(layout):
     hidden, want_cache = tuned.extend(cache, tokens[:, None], feed)
     want = tuned.logits(hidden[:, 0])
 
-    @functools.partial(jax.jit, static_argnames="window")
-    def step(state, cache, window):
+    @functools.partial(jax.jit, static_argnames=("window", "kernel"))
+    def step(state, cache, window, kernel):
         model = nnx.merge(graphdef, state)
-        prepare_decode_weights(model, fold=True, transpose=True)
+        prepare_decode_weights(model, fold=True, transpose=True, attention_kernel=kernel)
         assert model.feature_major_decode
+        assert model.decode_attention_kernel == (kernel and HAVE_CXX)
         return model.decode_logits(cache, tokens, feed, use_lora=False, window=window)
 
-    for window in (None, 8):
-        logits, got_cache = step(state, cache, window)
+    # the C++ attention kernel over the whole cache; XLA's attention over a narrower window
+    for window, kernel in ((None, True), (8, False)):
+        logits, got_cache = step(state, cache, window, kernel)
         np.testing.assert_allclose(logits[feed > 0], want[feed > 0], atol=2e-5)
         np.testing.assert_array_equal(got_cache.lengths, lens + feed)
         for got, ref, before in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v,
@@ -335,19 +339,23 @@ def test_windowed_decoding_equals_whole_cache_decoding():
     appended = rng.integers(0, 101, (3, 4))
     params = SamplingParams(temperature=1.0, max_tokens=48)
 
-    def two_turns(min_window):
+    def two_turns(min_window, kernel):
         first = generate(model, init_cache(model.cfg, 3, 64), prompts, lens, jax.random.key(5),
-                         params, max_new=jnp.array([6, 15, 2]), min_window=min_window)
+                         params, max_new=jnp.array([6, 15, 2]), min_window=min_window,
+                         attention_kernel=kernel)
         # next turn: each row's last sampled token + 4 appended tokens; the longest row then
         # holds 33 tokens, one past the 32-slot window
         last = first.tokens[jnp.arange(3), first.num_tokens - 1]
         inputs = jnp.concatenate([last[:, None], jnp.asarray(appended, jnp.int32),
                                   jnp.zeros((3, 11), jnp.int32)], axis=1)  # one input shape
         second = generate(model, first.cache, inputs, np.array([5, 5, 5]), jax.random.key(6),
-                          params, max_new=jnp.array([48, 48, 3]), min_window=min_window)
+                          params, max_new=jnp.array([48, 48, 3]), min_window=min_window,
+                          attention_kernel=kernel)
         return first, second
 
-    whole, windowed = two_turns(None), two_turns(16)
+    # windowed: XLA's attention in every phase; whole: the C++ kernel's decode steps (one loop
+    # body, each row reading its own slots) where a compiler is
+    whole, windowed = two_turns(None, True), two_turns(16, False)
     for w, a in zip(windowed, whole, strict=True):
         np.testing.assert_array_equal(w.num_tokens, a.num_tokens)
         np.testing.assert_array_equal(w.tokens, a.tokens)

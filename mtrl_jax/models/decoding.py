@@ -212,6 +212,9 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
         return go
 
     carry = (jnp.int32(1), cache, tok, done, count, stopped, out_tok, out_lp, key)
+    if model.decode_attention_kernel:
+        # the kernel reads each row's own slots whatever the window: one loop body
+        windows = [cache.max_len]
     for w in windows:
         window = None if w == cache.max_len else w
         carry = jax.lax.while_loop(functools.partial(cond, window=window),
@@ -221,14 +224,16 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "use_lora",
-                                             "fold", "min_window"),
+                                             "fold", "min_window", "attention_kernel"),
                    donate_argnames=("cache",))
 def _generate_jit(graphdef, state, cache, inputs, num_inputs, key, max_new, params,
-                  max_new_tokens, use_lora, fold, min_window=MIN_DECODE_WINDOW):
+                  max_new_tokens, use_lora, fold, min_window=MIN_DECODE_WINDOW,
+                  attention_kernel=True):
     model = nnx.merge(graphdef, state)
     transpose = jax.default_backend() == "cpu"
     if (use_lora and fold) or (transpose and not use_lora):
-        prepare_decode_weights(model, fold=use_lora, transpose=transpose)
+        prepare_decode_weights(model, fold=use_lora, transpose=transpose,
+                               attention_kernel=attention_kernel)
         use_lora = False
     return _generate(model, cache, inputs, num_inputs, key, max_new, params, max_new_tokens,
                      use_lora, min_window)
@@ -238,7 +243,8 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
              key: jax.Array, params: SamplingParams, *, max_new: jax.Array | None = None,
              max_new_tokens: int | None = None, use_lora: bool = True,
              fold_lora_weights: bool = True,
-             min_window: int | None = MIN_DECODE_WINDOW) -> GenerateOutput:
+             min_window: int | None = MIN_DECODE_WINDOW,
+             attention_kernel: bool = True) -> GenerateOutput:
     """Feed ``inputs [B, T]`` (first ``num_inputs [B]`` real, each ``>= 1``) after the cache's
     contents, then sample.
 
@@ -256,6 +262,10 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
         then differ from the unfolded forward by f32 rounding only.
       min_window: the decode loop's smallest attention window (:func:`decode_windows`;
         ``None``: every step attends over the whole cache).
+      attention_kernel: on CPU with folded or no adapters and an f32 cache, run the decode
+        steps' attention in the C++ kernel of :mod:`mtrl_jax.models.cpu_kernels` (built on
+        first use; both cores, each row's own slots; one loop body whatever ``min_window``).
+        ``False``, or no C++ compiler: XLA's formulation. Equal up to f32 summation order.
 
     Rows generate until a stop token, their budget, or a full cache. The returned cache holds
     everything but each row's last sampled token, which the next call's ``inputs`` must begin
@@ -271,4 +281,5 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
     return _generate_jit(graphdef, state, cache, jnp.asarray(inputs, jnp.int32),
                          jnp.asarray(num_inputs, jnp.int32), key,
                          jnp.minimum(jnp.asarray(max_new, jnp.int32), max_new_tokens),
-                         params, max_new_tokens, use_lora, fold_lora_weights, min_window)
+                         params, max_new_tokens, use_lora, fold_lora_weights, min_window,
+                         attention_kernel)

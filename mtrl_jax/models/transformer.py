@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtrl_jax.models import cpu_kernels
 from mtrl_jax.models.config import ModelConfig
 from mtrl_jax.models.lora import LoRAConfig
 from mtrl_jax.models.rope import apply_rope, apply_rope_t, rope_angles, rope_frequencies
@@ -124,7 +125,8 @@ def _matmul_nt(x: jax.Array, w_t: jax.Array, preferred=None) -> jax.Array:
                                preferred_element_type=preferred)
 
 
-def prepare_decode_weights(model: CausalLM, *, fold: bool, transpose: bool) -> None:
+def prepare_decode_weights(model: CausalLM, *, fold: bool, transpose: bool,
+                           attention_kernel: bool = False) -> None:
     """In place, on a traced copy of the weights (inside jit): the weights the sampler's decode
     steps run fastest with. Call the model with ``use_lora=False`` afterwards; outputs equal the
     unprepared model's (with ``fold``: its ``use_lora=True`` outputs) up to f32 rounding.
@@ -135,6 +137,11 @@ def prepare_decode_weights(model: CausalLM, *, fold: bool, transpose: bool) -> N
     matmul with the weight as ``[N, K]`` runs ~1.4x faster than with ``[K, N]`` (measured
     2026-11-27, experiments/LOG.md); it costs a transposed copy of the weights for the call, so
     the sampler asks for it on CPU only.
+
+    ``attention_kernel`` (with ``transpose``, f32 caches): the decode steps' attention runs in
+    the C++ kernel of :mod:`mtrl_jax.models.cpu_kernels` when it builds here (else a warning and
+    XLA's formulation): it uses both cores and reads each row's own slots only (measured
+    2026-11-27, fourth session, experiments/LOG.md).
     """
     for _, node in nnx.iter_graph(model):
         if not isinstance(node, Linear) or node.transposed:
@@ -150,6 +157,9 @@ def prepare_decode_weights(model: CausalLM, *, fold: bool, transpose: bool) -> N
         model.lm_head.value = model.lm_head[...].T
         model.head_transposed = True
     model.feature_major_decode = True
+    model.decode_attention_kernel = bool(
+        attention_kernel and model.cfg.jnp_dtype == jnp.float32
+        and cpu_kernels.decode_attention_available())
 
 
 def fold_lora(model: nnx.Module) -> None:
@@ -343,10 +353,12 @@ class DecoderLayer(nnx.Module):
         h = x + attn.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
         return h + self.mlp(self.post_attention_layernorm(h), use_lora), k_cache, v_cache
 
-    def extend_t(self, xt, cos_t, sin_t, mask, k_cache, v_cache, write_pos):
+    def extend_t(self, xt, cos_t, sin_t, mask, k_cache, v_cache, write_pos, n_valid=None):
         """One new token per row, feature-major (see :meth:`CausalLM.decode_logits`):
         ``xt [hidden, B]``, ``cos_t, sin_t [head_dim // 2, B]``, ``mask [B, W]``, ``write_pos
-        [B]`` (``S`` = drop). Kernels stored ``[out, in]``, adapters folded or off."""
+        [B]`` (``S`` = drop). Kernels stored ``[out, in]``, adapters folded or off. With
+        ``n_valid [B]`` (the number of slots each row attends) the attention runs in the CPU
+        kernel (:func:`~mtrl_jax.models.cpu_kernels.decode_attention`) instead of over ``mask``."""
         attn = self.self_attn
         b = xt.shape[1]
         h_kv, h_q, d = attn.num_kv_heads, attn.num_heads, attn.head_dim
@@ -363,10 +375,14 @@ class DecoderLayer(nnx.Module):
             jnp.transpose(k, (2, 0, 1)).astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[b_idx, :, write_pos].set(
             jnp.transpose(v, (2, 0, 1)).astype(v_cache.dtype), mode="drop")
-        w = mask.shape[-1]
-        q_rows = jnp.transpose(q, (2, 0, 1))[:, None]  # [B, 1, H, D]
-        out = attend_cache(q_rows, k_cache[..., :w].astype(q.dtype),
-                           v_cache[:, :, :w].astype(q.dtype), mask[:, None, :])
+        if n_valid is not None:
+            out = cpu_kernels.decode_attention(jnp.transpose(q, (2, 0, 1)), k_cache, v_cache,
+                                               n_valid).astype(q.dtype)
+        else:
+            w = mask.shape[-1]
+            q_rows = jnp.transpose(q, (2, 0, 1))[:, None]  # [B, 1, H, D]
+            out = attend_cache(q_rows, k_cache[..., :w].astype(q.dtype),
+                               v_cache[:, :, :w].astype(q.dtype), mask[:, None, :])
         h = xt + attn.o_proj.apply_t(out.reshape(b, h_q * d).T)
         mlp = self.mlp
         y = self.post_attention_layernorm(h, axis=0)
@@ -420,6 +436,9 @@ class CausalLM(nnx.Module):
         #: ``True`` once :func:`prepare_decode_weights` transposed every kernel: decode steps
         #: then run feature-major (see :meth:`decode_logits`).
         self.feature_major_decode = False
+        #: ``True`` once :func:`prepare_decode_weights` enabled the CPU decode-attention kernel
+        #: for the feature-major decode steps.
+        self.decode_attention_kernel = False
         inv_freq, scale = rope_frequencies(cfg)
         self._inv_freq = tuple(float(x) for x in inv_freq)
         self._rope_scale = scale
@@ -546,10 +565,13 @@ class CausalLM(nnx.Module):
         xt = self.embed(tokens).T
         cos, sin = self.rope(pos)
         cos_t, sin_t = cos.T, sin.T
+        # the kernel reads each row's slots 0 .. pos (the mask's keys when pos < window)
+        kernel = self.decode_attention_kernel and cache.k[0].dtype == jnp.float32
+        n_valid = jnp.minimum(pos + 1, s) if kernel else None
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             xt, k_i, v_i = layer.extend_t(xt, cos_t, sin_t, mask, cache.k[i], cache.v[i],
-                                          write_pos)
+                                          write_pos, n_valid)
             ks.append(k_i)
             vs.append(v_i)
         ht = self.norm(xt, axis=0)

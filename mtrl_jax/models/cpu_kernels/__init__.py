@@ -1,0 +1,121 @@
+"""Hand-written XLA:CPU kernels (XLA FFI custom calls), compiled on first use.
+
+The only kernel so far is a decode step's attention over the KV cache
+(``decode_attention.cc``). XLA:CPU runs that step's attention as one loop fusion on a single
+thread over the whole attention window; the kernel spreads the (row, kv head) pairs over XLA's
+intra-op thread pool and reads only each row's valid slots (benchmarks/models.py, decode).
+
+The source is compiled with the system C++ compiler (``$CXX``, else ``g++`` or ``c++``) against
+the XLA FFI headers that jaxlib ships, into ``$MTRL_JAX_KERNEL_CACHE`` (default
+``~/.cache/mtrl_jax/kernels``), once per source, jaxlib version, compiler and CPU. Without a
+compiler, or with ``MTRL_JAX_CPU_KERNELS=0``, :func:`decode_attention_available` is ``False``
+(with one warning saying why) and callers keep the XLA formulation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("decode_attention.cc")
+_TARGET = "mtrl_decode_attention"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def find_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build_library(cache_dir: Path | None = None) -> Path:
+    """Compile ``decode_attention.cc`` (or reuse an earlier build) and return the library path.
+
+    Raises ``RuntimeError`` naming the compiler's error output when it fails."""
+    cxx = find_compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    include = jax.ffi.include_dir()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([
+        _SOURCE.read_text(), " ".join(_FLAGS), jax.__version__, include, version,
+        _cpu_signature()]).encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir or os.environ.get("MTRL_JAX_KERNEL_CACHE")
+                     or Path.home() / ".cache" / "mtrl_jax" / "kernels")
+    lib = cache_dir / f"decode_attention-{key}.so"
+    if lib.exists():
+        return lib
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # compile to a temporary name, then rename: concurrent builders (the trainer and a rollout
+    # worker) never load a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *_FLAGS, "-I", include, str(_SOURCE), "-o", tmp],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed on {_SOURCE.name}:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def decode_attention_available() -> bool:
+    """Whether :func:`decode_attention` can run here: on CPU, unless ``MTRL_JAX_CPU_KERNELS=0``,
+    once the kernel is built and registered (the first call builds it: ~3 s)."""
+    if os.environ.get("MTRL_JAX_CPU_KERNELS", "1") == "0":
+        return False
+    with _lock:
+        if "ok" not in _state:
+            try:
+                lib = ctypes.cdll.LoadLibrary(str(build_library()))
+                jax.ffi.register_ffi_target(
+                    _TARGET, jax.ffi.pycapsule(lib.MtrlDecodeAttention), platform="cpu")
+                _state.update(ok=True, lib=lib)
+            except Exception as e:  # no compiler, a failed build, a failed load
+                log.warning("CPU decode-attention kernel unavailable, decode steps use the "
+                            "XLA formulation (slower on CPU): %s", e)
+                _state.update(ok=False, error=str(e))
+        return bool(_state["ok"])
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """Attention of one query per row over a KV cache (CPU, f32; see decode_attention.cc).
+
+    ``q [B, H, D]``, keys ``k [B, KV, D, S]``, values ``v [B, KV, S, D]``; row ``b`` attends over
+    its slots ``0 .. n_valid[b] - 1`` (clipped to ``[1, S]``). Returns ``[B, H, D]`` f32. Call
+    :func:`decode_attention_available` first."""
+    b, h, d = q.shape
+    if k.ndim != 4 or v.ndim != 4 or k.shape[0] != b or k.shape[2] != d or h % k.shape[1]:
+        raise ValueError(f"decode_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+                         "q [B, H, D], k [B, KV, D, S], v [B, KV, S, D]")
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, h, d), jnp.float32))
+    return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                n_valid.astype(jnp.int32))
