@@ -1,7 +1,8 @@
 """Where a decode step's time goes, by ablation, in one process: the benchmark's decode (25.3M
 peer config, batch 32, prompt 128, 128 new tokens, cache 256) as is, with the cache attention
-replaced by a pass-through, and with sampling replaced by argmax. Variants compiled up front
-and alternated; ms per decode step = (t(128 tokens) - t(1)) / 127.
+replaced by a pass-through, with XLA's attention instead of the C++ kernel, and with sampling
+replaced by argmax. Variants compiled up front and alternated; ms per decode step =
+(t(128 tokens) - t(1)) / 127.
 
     PYTHONPATH=. python experiments/scripts/decode_ablation.py 10
 """
@@ -15,12 +16,14 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.models import PEER_CONFIG, PEER_LORA
-from mtrl_jax.models import CausalLM, decoding, init_cache, transformer
+from mtrl_jax.models import CausalLM, cpu_kernels, decoding, init_cache
 from mtrl_jax.runtime import reexec_with_fast_malloc
 
 
-def no_attend(q, k, v, mask):
-    return q * (1 + jnp.mean(k[..., :1]) + jnp.mean(v[:, :, :1]))
+def no_attend(q, k_new, v_new, write_pos, n_valid, k_cache, v_cache):
+    """The kernel's signature, no cache write and no attention."""
+    return (q * (1 + jnp.mean(k_cache[..., :1]) + jnp.mean(v_cache[:, :, :1])) + k_new.sum()
+            + v_new.sum(), k_cache, v_cache)
 
 
 def greedy(logits, key, params):
@@ -34,19 +37,20 @@ def main(rounds: int) -> int:
     prompt = jnp.asarray(np.random.default_rng(1).integers(1, 8192, (b, 128)), jnp.int32)
     lens = jnp.full((b,), 128, jnp.int32)
     graphdef, state = nnx.split(model)
-    attend, sample = transformer.attend_cache, decoding.sample_from_logits
+    attend, sample = cpu_kernels.decode_attention, decoding.sample_from_logits
     # distinct static min_window values (all give one 256-slot window) so jit retraces each
-    variants = {"full": (attend, sample, 512), "no_attn": (no_attend, sample, 1024),
-                "argmax": (attend, greedy, 2048)}
+    variants = {"full": (attend, sample, 512, True), "xla_attn": (attend, sample, 4096, False),
+                "no_attn": (no_attend, sample, 1024, True),
+                "argmax": (attend, greedy, 2048, True)}
     compiled = {}
-    for name, (att, samp, mw) in variants.items():
-        transformer.attend_cache, decoding.sample_from_logits = att, samp
+    for name, (att, samp, mw, kernel) in variants.items():
+        cpu_kernels.decode_attention, decoding.sample_from_logits = att, samp
         for n in (128, 1):
             params = decoding.SamplingParams(temperature=1.0, max_tokens=n)
             compiled[name, n] = decoding._generate_jit.lower(
                 graphdef, state, init_cache(cfg, b, 256), prompt, lens, jax.random.key(0),
-                jnp.full((b,), n, jnp.int32), params, n, True, True, mw).compile()
-    transformer.attend_cache, decoding.sample_from_logits = attend, sample
+                jnp.full((b,), n, jnp.int32), params, n, True, True, mw, kernel).compile()
+    cpu_kernels.decode_attention, decoding.sample_from_logits = attend, sample
 
     def run(name, n):
         t = time.perf_counter()

@@ -357,8 +357,9 @@ class DecoderLayer(nnx.Module):
         """One new token per row, feature-major (see :meth:`CausalLM.decode_logits`):
         ``xt [hidden, B]``, ``cos_t, sin_t [head_dim // 2, B]``, ``mask [B, W]``, ``write_pos
         [B]`` (``S`` = drop). Kernels stored ``[out, in]``, adapters folded or off. With
-        ``n_valid [B]`` (the number of slots each row attends) the attention runs in the CPU
-        kernel (:func:`~mtrl_jax.models.cpu_kernels.decode_attention`) instead of over ``mask``."""
+        ``n_valid [B]`` (the number of slots each row attends) the cache write and the attention
+        run in the CPU kernel (:func:`~mtrl_jax.models.cpu_kernels.decode_attention`) instead
+        of a scatter and attention over ``mask``."""
         attn = self.self_attn
         b = xt.shape[1]
         h_kv, h_q, d = attn.num_kv_heads, attn.num_heads, attn.head_dim
@@ -369,21 +370,23 @@ class DecoderLayer(nnx.Module):
         if attn.q_norm is not None:
             q, k = attn.q_norm(q, axis=1), attn.k_norm(k, axis=1)
         q, k = apply_rope_t(q, cos_t, sin_t), apply_rope_t(k, cos_t, sin_t)
-        b_idx = jnp.arange(b)
-        # [KV, D, B] -> [B, KV, D] written at [b, :, :, write_pos[b]] / [b, :, write_pos[b], :]
-        k_cache = k_cache.at[b_idx, :, :, write_pos].set(
-            jnp.transpose(k, (2, 0, 1)).astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[b_idx, :, write_pos].set(
-            jnp.transpose(v, (2, 0, 1)).astype(v_cache.dtype), mode="drop")
         if n_valid is not None:
-            out = cpu_kernels.decode_attention(jnp.transpose(q, (2, 0, 1)), k_cache, v_cache,
-                                               n_valid).astype(q.dtype)
+            out_t, k_cache, v_cache = cpu_kernels.decode_attention(
+                q, k, v, write_pos, n_valid, k_cache, v_cache)
+            h = xt + attn.o_proj.apply_t(out_t.astype(q.dtype).reshape(h_q * d, b))
         else:
+            b_idx = jnp.arange(b)
+            # [KV, D, B] -> [B, KV, D] written at [b, :, :, write_pos[b]] / [b, :,
+            # write_pos[b], :]
+            k_cache = k_cache.at[b_idx, :, :, write_pos].set(
+                jnp.transpose(k, (2, 0, 1)).astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[b_idx, :, write_pos].set(
+                jnp.transpose(v, (2, 0, 1)).astype(v_cache.dtype), mode="drop")
             w = mask.shape[-1]
             q_rows = jnp.transpose(q, (2, 0, 1))[:, None]  # [B, 1, H, D]
             out = attend_cache(q_rows, k_cache[..., :w].astype(q.dtype),
                                v_cache[:, :, :w].astype(q.dtype), mask[:, None, :])
-        h = xt + attn.o_proj.apply_t(out.reshape(b, h_q * d).T)
+            h = xt + attn.o_proj.apply_t(out.reshape(b, h_q * d).T)
         mlp = self.mlp
         y = self.post_attention_layernorm(h, axis=0)
         h = h + mlp.down_proj.apply_t(jax.nn.silu(mlp.gate_proj.apply_t(y))

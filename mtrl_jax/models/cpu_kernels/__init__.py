@@ -106,16 +106,31 @@ def decode_attention_available() -> bool:
         return bool(_state["ok"])
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, n_valid: jax.Array) -> jax.Array:
-    """Attention of one query per row over a KV cache (CPU, f32; see decode_attention.cc).
+def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, write_pos: jax.Array,
+                     n_valid: jax.Array, k_cache: jax.Array, v_cache: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's cache write and attention, feature-major (CPU, f32; see
+    decode_attention.cc).
 
-    ``q [B, H, D]``, keys ``k [B, KV, D, S]``, values ``v [B, KV, S, D]``; row ``b`` attends over
-    its slots ``0 .. n_valid[b] - 1`` (clipped to ``[1, S]``). Returns ``[B, H, D]`` f32. Call
+    ``q [H, D, B]``, this step's ``k_new, v_new [KV, D, B]``, written at slot ``write_pos [B]``
+    of each row (``S`` or more: not written); row ``b`` then attends over its slots ``0 ..
+    n_valid[b] - 1`` (clipped to ``[1, S]``) of ``k_cache [B, KV, D, S]``, ``v_cache [B, KV, S,
+    D]``. Returns the attention output ``[H, D, B]`` f32 and the updated caches (the cache
+    buffers are donated to the call: updated in place). Call
     :func:`decode_attention_available` first."""
-    b, h, d = q.shape
-    if k.ndim != 4 or v.ndim != 4 or k.shape[0] != b or k.shape[2] != d or h % k.shape[1]:
-        raise ValueError(f"decode_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
-                         "q [B, H, D], k [B, KV, D, S], v [B, KV, S, D]")
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, h, d), jnp.float32))
-    return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                n_valid.astype(jnp.int32))
+    h, d, b = q.shape
+    kv, s = k_cache.shape[1], k_cache.shape[3]
+    if (k_cache.shape != (b, kv, d, s) or v_cache.shape != (b, kv, s, d)
+            or k_new.shape != (kv, d, b) or v_new.shape != (kv, d, b) or h % kv):
+        raise ValueError(f"decode_attention: q {q.shape}, k_new {k_new.shape}, v_new "
+                         f"{v_new.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape} do "
+                         "not fit q [H, D, B], k_new/v_new [KV, D, B], k_cache [B, KV, D, S], "
+                         "v_cache [B, KV, S, D]")
+    f32 = jnp.float32
+    call = jax.ffi.ffi_call(
+        _TARGET, (jax.ShapeDtypeStruct((h, d, b), f32), jax.ShapeDtypeStruct(k_cache.shape, f32),
+                  jax.ShapeDtypeStruct(v_cache.shape, f32)),
+        input_output_aliases={5: 1, 6: 2})
+    return call(q.astype(f32), k_new.astype(f32), v_new.astype(f32),
+                write_pos.astype(jnp.int32), n_valid.astype(jnp.int32), k_cache.astype(f32),
+                v_cache.astype(f32))
