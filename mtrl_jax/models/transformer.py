@@ -149,12 +149,12 @@ def prepare_decode_weights(model: CausalLM, *, fold: bool, transpose: bool,
         if fold:
             node.fold_adapters()
         if transpose:
-            node.kernel.value = node.kernel[...].T
+            node.kernel.set_value(node.kernel[...].T)
             node.transposed = True
     if not transpose or not isinstance(model, CausalLM):
         return
     if model.lm_head is not None and not model.head_transposed:
-        model.lm_head.value = model.lm_head[...].T
+        model.lm_head.set_value(model.lm_head[...].T)
         model.head_transposed = True
     model.feature_major_decode = True
     model.decode_attention_kernel = bool(

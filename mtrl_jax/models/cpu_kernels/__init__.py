@@ -1,9 +1,11 @@
 """Hand-written XLA:CPU kernels (XLA FFI custom calls), compiled on first use.
 
-The only kernel so far is a decode step's attention over the KV cache
-(``decode_attention.cc``). XLA:CPU runs that step's attention as one loop fusion on a single
-thread over the whole attention window; the kernel spreads the (row, kv head) pairs over XLA's
-intra-op thread pool and reads only each row's valid slots (benchmarks/models.py, decode).
+The only kernel so far is a decode step's cache write and attention (``decode_attention.cc``),
+used by the feature-major decode steps of :meth:`~mtrl_jax.models.transformer.CausalLM.
+decode_logits`. XLA:CPU runs that step's attention as one loop fusion on a single thread over
+the whole attention window, after a scatter into the cache; the kernel writes the new key and
+value in place, spreads the (row, kv head) pairs over XLA's intra-op thread pool and reads only
+each row's valid slots (``experiments/scripts/decode_kernel_ab.py``; experiments/LOG.md).
 
 The source is compiled with the system C++ compiler (``$CXX``, else ``g++`` or ``c++``) against
 the XLA FFI headers that jaxlib ships, into ``$MTRL_JAX_KERNEL_CACHE`` (default
@@ -75,6 +77,7 @@ def build_library(cache_dir: Path | None = None) -> Path:
     # worker) never load a half-written library
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
     os.close(fd)
+    log.info("compiling %s with %s into %s", _SOURCE.name, cxx, lib)
     try:
         proc = subprocess.run([cxx, *_FLAGS, "-I", include, str(_SOURCE), "-o", tmp],
                               capture_output=True, text=True)
