@@ -126,12 +126,18 @@ def bench_train(cfg, lora, batch, seq, prompt_len, warmup, iters, remat, chunk):
     return measure
 
 
-def bench_decode(cfg, lora, batch, prompt_len, new_tokens, warmup, iters, cache_len=None,
-                 min_window=MIN_DECODE_WINDOW, attention_kernel=True):
+def decode_setup(cfg=PEER_CONFIG, lora=PEER_LORA, batch=32, prompt_len=128):
+    """The decode benchmark's model (random init, seed 0) and prompts ``[batch, prompt_len]``
+    with their lengths (also used by the A/B scripts in experiments/scripts/)."""
     model = CausalLM(cfg, lora, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     prompt = jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-    lens = jnp.full((batch,), prompt_len, jnp.int32)
+    return model, prompt, jnp.full((batch,), prompt_len, jnp.int32)
+
+
+def bench_decode(cfg, lora, batch, prompt_len, new_tokens, warmup, iters, cache_len=None,
+                 min_window=MIN_DECODE_WINDOW, attention_kernel=True):
+    model, prompt, lens = decode_setup(cfg, lora, batch, prompt_len)
     cache_len = cache_len or prompt_len + new_tokens
 
     def run(n):

@@ -12,11 +12,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from benchmarks.models import PEER_CONFIG, PEER_LORA
-from mtrl_jax.models import CausalLM, cpu_kernels, decoding, init_cache
+from benchmarks.models import PEER_CONFIG, decode_setup
+from mtrl_jax.models import cpu_kernels, decoding, init_cache
 from mtrl_jax.runtime import reexec_with_fast_malloc
 
 
@@ -33,9 +32,7 @@ def greedy(logits, key, params):
 def main(rounds: int) -> int:
     reexec_with_fast_malloc()
     cfg, b = PEER_CONFIG, 32
-    model = CausalLM(cfg, PEER_LORA, rngs=nnx.Rngs(0))
-    prompt = jnp.asarray(np.random.default_rng(1).integers(1, 8192, (b, 128)), jnp.int32)
-    lens = jnp.full((b,), 128, jnp.int32)
+    model, prompt, lens = decode_setup(batch=b)
     graphdef, state = nnx.split(model)
     attend, sample = cpu_kernels.decode_attention, decoding.sample_from_logits
     # distinct static min_window values (all give one 256-slot window) so jit retraces each

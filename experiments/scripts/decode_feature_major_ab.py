@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.models import PEER_CONFIG, PEER_LORA
-from mtrl_jax.models import CausalLM, decoding, init_cache
+from benchmarks.models import PEER_CONFIG, decode_setup
+from mtrl_jax.models import decoding, init_cache
 from mtrl_jax.models.transformer import CausalLM as _CLM
 from mtrl_jax.runtime import reexec_with_fast_malloc
 
@@ -33,10 +33,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
     cfg, b = PEER_CONFIG, args.batch
-    model = CausalLM(cfg, PEER_LORA, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(1)
-    prompt = jnp.asarray(rng.integers(1, cfg.vocab_size, (b, 128)), jnp.int32)
-    lens = jnp.full((b,), 128, jnp.int32)
+    model, prompt, lens = decode_setup(batch=b)
     graphdef, state = nnx.split(model)
     feature_major = _CLM.decode_logits
     compiled = {}

@@ -12,12 +12,10 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from benchmarks.models import PEER_CONFIG, PEER_LORA
-from mtrl_jax.models import CausalLM, init_cache
+from benchmarks.models import PEER_CONFIG, decode_setup
+from mtrl_jax.models import init_cache
 from mtrl_jax.models.decoding import SamplingParams, generate
 from mtrl_jax.runtime import reexec_with_fast_malloc
 
@@ -30,10 +28,7 @@ def main():
     p.add_argument("--cache", type=int, default=256)
     args = p.parse_args()
     cfg, b = PEER_CONFIG, args.batch
-    model = CausalLM(cfg, PEER_LORA, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(1)
-    prompt = jnp.asarray(rng.integers(1, cfg.vocab_size, (b, 128)), jnp.int32)
-    lens = jnp.full((b,), 128, jnp.int32)
+    model, prompt, lens = decode_setup(batch=b)
 
     def run(kernel, n):
         params = SamplingParams(temperature=1.0, max_tokens=n)
