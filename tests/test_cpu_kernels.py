@@ -114,6 +114,15 @@ def test_build_errors_are_clear(tmp_path, monkeypatch):
         cpu_kernels.build_library(tmp_path)
 
 
+@needs_kernel
+def test_unwritable_cache_dir_builds_under_tmp(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path))
+    lib = cpu_kernels.build_library(blocker / "kernels")  # cannot be created under a file
+    assert lib.parent == tmp_path / "mtrl_jax_kernels" and lib.exists()
+
+
 def test_disabled_kernel_falls_back(monkeypatch):
     from flax import nnx
 

@@ -72,7 +72,16 @@ def build_library(cache_dir: Path | None = None) -> Path:
     lib = cache_dir / f"decode_attention-{key}.so"
     if lib.exists():
         return lib
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK):
+            raise PermissionError(f"{cache_dir} is not writable")
+    except OSError as e:  # a read-only home: build under the temporary directory instead
+        fallback = Path(tempfile.gettempdir()) / "mtrl_jax_kernels"
+        if cache_dir == fallback:
+            raise RuntimeError(f"no writable folder for the kernel: {e}") from e
+        log.warning("kernel cache %s unusable (%s); building under %s", cache_dir, e, fallback)
+        return build_library(fallback)
     # compile to a temporary name, then rename: concurrent builders (the trainer and a rollout
     # worker) never load a half-written library
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
