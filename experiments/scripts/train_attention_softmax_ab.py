@@ -1,0 +1,88 @@
+"""A/B in one process: the benchmark's LoRA train step (25.3M peer config, 8 x 1024 tokens)
+with the training attention's softmax normalised on the output (``attend``, the default) versus
+``jax.nn.softmax`` on the scores (the form before 2026-11-27, fourth session). Both compiled up
+front, alternated ``--rounds`` times.
+
+    PYTHONPATH=. python experiments/scripts/train_attention_softmax_ab.py --rounds 4
+"""
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks.models import PEER_CONFIG, PEER_LORA
+from mtrl_jax.models import CausalLM, split_lora, transformer
+from mtrl_jax.models.logprobs import token_logprobs
+from mtrl_jax.runtime import reexec_with_fast_malloc
+from mtrl_jax.training.lora_step import make_lora_train_step
+
+
+def softmax_attend(q, k, v, mask, *, causal_block=None):
+    """``attend`` with ``jax.nn.softmax`` over the scores."""
+    t, h, d = q.shape[1:]
+    groups = h // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+
+    def block(q_blk, k_blk, v_blk, m_blk):
+        scores = jnp.einsum("bthd,bshd->bhts", q_blk, k_blk,
+                            preferred_element_type=jnp.float32) * d ** -0.5
+        scores = jnp.where(m_blk[:, None, :, :], scores, transformer.NEG_INF)
+        return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v_blk)
+
+    outs = [block(q[:, s:s + causal_block], k[:, :s + causal_block], v[:, :s + causal_block],
+                  mask[:, s:s + causal_block, :s + causal_block])
+            for s in range(0, t, causal_block)]
+    return jnp.concatenate(outs, axis=1)
+
+
+def main():
+    reexec_with_fast_malloc()
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    model = CausalLM(PEER_CONFIG, PEER_LORA, rngs=nnx.Rngs(0))
+    graphdef, lora, base = split_lora(model)
+    rng = np.random.default_rng(1)
+    b, L = 8, 1024
+    data = dict(tokens=jnp.asarray(rng.integers(1, 8192, (b, L)), jnp.int32),
+                adv=jnp.asarray(rng.normal(size=(b,)).astype(np.float32)),
+                mask=jnp.zeros((b, L)).at[:, 128:].set(1.0),
+                positions=jnp.broadcast_to(jnp.arange(L), (b, L)),
+                segments=jnp.ones((b, L), jnp.int32))
+
+    def loss_fn(m, d):
+        lp = token_logprobs(m, d["tokens"], d["positions"], d["segments"]).logprobs
+        return -jnp.sum(lp * d["adv"][:, None] * d["mask"]) / jnp.sum(d["mask"]), {}
+
+    tx = optax.adamw(1e-5, weight_decay=0.0)
+    opt = tx.init(lora)
+    default_attend, steps, losses = transformer.attend, {}, {}
+    for name, impl in (("output_normalised", default_attend), ("softmax", softmax_attend)):
+        transformer.attend = impl
+        steps[name] = make_lora_train_step(graphdef, tx, loss_fn, donate=False).lower(
+            lora, opt, base, data).compile()
+        losses[name] = float(steps[name](lora, opt, base, data)[2])
+    transformer.attend = default_attend
+    print(f"loss {losses}")
+    ts = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name in steps if r % 2 == 0 else reversed(list(steps)):
+            t = time.perf_counter()
+            jax.block_until_ready(steps[name](lora, opt, base, data))
+            ts[name].append(time.perf_counter() - t)
+        print(f"[round {r + 1}] " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in ts.items()),
+              flush=True)
+    ratios = [s / o for o, s in zip(ts["output_normalised"], ts["softmax"], strict=True)]
+    print("median s/step: " + ", ".join(f"{n} {statistics.median(v):.2f} (min {min(v):.2f})"
+                                        for n, v in ts.items())
+          + f"; per-round ratio median {statistics.median(ratios):.3f}x")
+
+
+if __name__ == "__main__":
+    main()
