@@ -32,7 +32,10 @@ from mtrl_jax.models.lora import LoRAConfig
 from mtrl_jax.models.rope import apply_rope, apply_rope_t, rope_angles, rope_frequencies
 
 NEG_INF = -1e30
-#: Query block of the packed (causal) attention; see :func:`attend`.
+#: Query block of the packed (causal) attention; see :func:`attend`. Smaller blocks skip more
+#: of the upper triangle, but in the whole train step (8 x 1024 tokens) blocks of 64 or 128 were
+#: no faster than 256 (per-round ratios within this machine's noise; 2026-11-27, LOG), while
+#: the program to compile grows with the number of blocks.
 ATTENTION_BLOCK = 256
 
 
@@ -214,36 +217,41 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     block only scores the keys up to its last row, skipping the upper triangle (about half the
     work for long rows).
     """
-    t, h, d = q.shape[1:]
-    # Repeating k/v to all heads gives plain [B, H, T, S] batched matmuls, which XLA:CPU runs
-    # about twice as fast as the grouped [B, KV, G, T, S] form (measured, 8 x 1024 tokens).
-    groups = h // k.shape[2]
-    if groups > 1:
-        k = jnp.repeat(k, groups, axis=2)
-        v = jnp.repeat(v, groups, axis=2)
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    groups = h // kv
+    # Layout: the G query heads that share a kv head are stacked along the query rows,
+    # q [B, KV, G * T, D] against k, v [B, KV, S, D], so every block is one plain batched matmul
+    # and k/v are neither repeated per head nor re-transposed per block (fwd+bwd per layer
+    # ~5-10% faster than repeating k/v to [B, H, S, D], measured 2026-11-27, experiments/LOG.md).
+    qg = jnp.transpose(q.reshape(b, t, kv, groups, d), (0, 2, 3, 1, 4))  # [B, KV, G, T, D]
+    kt = jnp.transpose(k, (0, 2, 1, 3))  # [B, KV, S, D]
+    vt = jnp.transpose(v, (0, 2, 1, 3))
     scale = d ** -0.5
 
     def block(q_blk, k_blk, v_blk, m_blk):
-        scores = jnp.einsum("bthd,bshd->bhts", q_blk, k_blk,
+        rows = q_blk.shape[3]
+        scores = jnp.einsum("bkmd,bksd->bkms", q_blk.reshape(b, kv, groups * rows, d), k_blk,
                             preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(m_blk[:, None, :, :], scores, NEG_INF)
-        # softmax with the normalisation applied to the [B, T, H, D] output instead of the
-        # [B, H, T, S] probabilities: XLA:CPU otherwise materialises the divisor broadcast to
-        # the scores' shape (single-threaded; fwd+bwd per layer ~6-9% faster, measured
-        # 2026-11-27, experiments/LOG.md)
+        scores = scores.reshape(b, kv, groups, rows, -1)
+        scores = jnp.where(m_blk[:, None, None], scores, NEG_INF)
+        # softmax with the normalisation applied to the output instead of the probabilities:
+        # XLA:CPU otherwise materialises the divisor broadcast to the scores' shape
+        # (single-threaded; fwd+bwd per layer ~6-9% faster, measured 2026-11-27)
         peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
         e = jnp.exp(scores - peak)
-        out = jnp.einsum("bhts,bshd->bthd", e.astype(v_blk.dtype), v_blk)
-        inv = 1.0 / jnp.sum(e, axis=-1)  # [B, H, T]
-        return (out * jnp.transpose(inv, (0, 2, 1))[..., None]).astype(v_blk.dtype)
+        out = jnp.einsum("bkms,bksd->bkmd", e.reshape(b, kv, groups * rows, -1).astype(v.dtype),
+                         v_blk).reshape(b, kv, groups, rows, d)
+        return (out * (1.0 / jnp.sum(e, axis=-1))[..., None]).astype(v.dtype)
 
     if not causal_block or t <= causal_block:
-        return block(q, k, v, mask)
-    outs = []
-    for start in range(0, t, causal_block):
-        end = min(start + causal_block, t)
-        outs.append(block(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
-    return jnp.concatenate(outs, axis=1)
+        out = block(qg, kt, vt, mask)
+    else:
+        out = jnp.concatenate(
+            [block(qg[:, :, :, s:s + causal_block], kt[:, :, :s + causal_block],
+                   vt[:, :, :s + causal_block], mask[:, s:s + causal_block, :s + causal_block])
+             for s in range(0, t, causal_block)], axis=3)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
 def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

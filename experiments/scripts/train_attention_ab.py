@@ -1,11 +1,16 @@
 """A/B in one process: the benchmark's LoRA train step (25.3M peer config, 8 x 1024 tokens)
-with the training attention's softmax normalised on the output (``attend``, the default) versus
-``jax.nn.softmax`` on the scores (the form before 2026-11-27, fourth session). Both compiled up
-front, alternated ``--rounds`` times.
+with the training attention of ``transformer.attend`` (``current``) versus earlier forms kept
+here or other causal blocks. Variants: ``repeat_kv`` (k/v repeated to all heads, [B, H, T, S]
+blocks; the form until 2026-11-27, fifth session), ``softmax`` (that, with ``jax.nn.softmax``
+on the scores; until 2026-11-27, fourth session), ``block128`` / ``block64`` (the current form
+with causal blocks of that many query rows instead of ``ATTENTION_BLOCK``). All compiled up
+front, alternated ``--rounds`` times; ratios are per round, variant time / current time.
+(Renamed from ``train_attention_softmax_ab.py``.)
 
-    PYTHONPATH=. python experiments/scripts/train_attention_softmax_ab.py --rounds 4
+    PYTHONPATH=. python experiments/scripts/train_attention_ab.py --rounds 6 [--variants repeat_kv]
 """
 import argparse
+import functools
 import statistics
 import time
 
@@ -22,8 +27,9 @@ from mtrl_jax.runtime import reexec_with_fast_malloc
 from mtrl_jax.training.lora_step import make_lora_train_step
 
 
-def softmax_attend(q, k, v, mask, *, causal_block=None):
-    """``attend`` with ``jax.nn.softmax`` over the scores."""
+def repeat_kv_attend(q, k, v, mask, *, causal_block=None, softmax=False):
+    """``attend`` as it was with k/v repeated to all heads (``softmax``: and ``jax.nn.softmax``
+    over the scores)."""
     t, h, d = q.shape[1:]
     groups = h // k.shape[2]
     if groups > 1:
@@ -33,7 +39,11 @@ def softmax_attend(q, k, v, mask, *, causal_block=None):
         scores = jnp.einsum("bthd,bshd->bhts", q_blk, k_blk,
                             preferred_element_type=jnp.float32) * d ** -0.5
         scores = jnp.where(m_blk[:, None, :, :], scores, transformer.NEG_INF)
-        return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v_blk)
+        if softmax:
+            return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v_blk)
+        e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+        out = jnp.einsum("bhts,bshd->bthd", e, v_blk)
+        return out * jnp.transpose(1.0 / jnp.sum(e, axis=-1), (0, 2, 1))[..., None]
 
     outs = [block(q[:, s:s + causal_block], k[:, :s + causal_block], v[:, :s + causal_block],
                   mask[:, s:s + causal_block, :s + causal_block])
@@ -45,6 +55,7 @@ def main():
     reexec_with_fast_malloc()
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--variants", default="repeat_kv")
     args = p.parse_args()
     model = CausalLM(PEER_CONFIG, PEER_LORA, rngs=nnx.Rngs(0))
     graphdef, lora, base = split_lora(model)
@@ -63,7 +74,16 @@ def main():
     tx = optax.adamw(1e-5, weight_decay=0.0)
     opt = tx.init(lora)
     default_attend, steps, losses = transformer.attend, {}, {}
-    for name, impl in (("output_normalised", default_attend), ("softmax", softmax_attend)):
+    def fixed_block(impl, size):
+        return lambda q, k, v, mask, causal_block=None: impl(q, k, v, mask, causal_block=size)
+
+    impls = {"current": default_attend, "block128": fixed_block(default_attend, 128),
+             "block64": fixed_block(default_attend, 64),
+             "repeat_kv": fixed_block(repeat_kv_attend, transformer.ATTENTION_BLOCK),
+             "softmax": fixed_block(functools.partial(repeat_kv_attend, softmax=True),
+                                          transformer.ATTENTION_BLOCK)}
+    for name in ["current"] + args.variants.split(","):
+        impl = impls[name]
         transformer.attend = impl
         steps[name] = make_lora_train_step(graphdef, tx, loss_fn, donate=False).lower(
             lora, opt, base, data).compile()
@@ -78,10 +98,12 @@ def main():
             ts[name].append(time.perf_counter() - t)
         print(f"[round {r + 1}] " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in ts.items()),
               flush=True)
-    ratios = [s / o for o, s in zip(ts["output_normalised"], ts["softmax"], strict=True)]
     print("median s/step: " + ", ".join(f"{n} {statistics.median(v):.2f} (min {min(v):.2f})"
-                                        for n, v in ts.items())
-          + f"; per-round ratio median {statistics.median(ratios):.3f}x")
+                                        for n, v in ts.items()))
+    for name in list(steps)[1:]:
+        ratios = [s / c for c, s in zip(ts["current"], ts[name], strict=True)]
+        print(f"{name} / current per-round ratio median {statistics.median(ratios):.3f}x "
+              f"({', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 if __name__ == "__main__":
