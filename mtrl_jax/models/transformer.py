@@ -222,8 +222,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     groups = h // kv
     # Layout: the G query heads that share a kv head are stacked along the query rows,
     # q [B, KV, G * T, D] against k, v [B, KV, S, D], so every block is one plain batched matmul
-    # and k/v are neither repeated per head nor re-transposed per block (fwd+bwd per layer
-    # ~5-10% faster than repeating k/v to [B, H, S, D], measured 2026-11-27, experiments/LOG.md).
+    # and k/v are neither repeated per head nor re-transposed per block. Versus repeating k/v
+    # to [B, H, S, D]: fwd+bwd per layer 3% (min) / 11% (median) faster, the whole train step
+    # per-round median 1.08x (2026-11-27, experiments/LOG.md).
     qg = jnp.transpose(q.reshape(b, t, kv, groups, d), (0, 2, 3, 1, 4))  # [B, KV, G, T, D]
     kt = jnp.transpose(k, (0, 2, 1, 3))  # [B, KV, S, D]
     vt = jnp.transpose(v, (0, 2, 1, 3))
