@@ -72,10 +72,12 @@ def matmul_peak(sizes=(1024, 2048), iters=10) -> float:
     return best
 
 
-def bench_train(cfg, lora, batch, seq, prompt_len, warmup, iters, remat, chunk):
+def train_setup(cfg=PEER_CONFIG, lora=PEER_LORA, batch=8, seq=1024, prompt_len=128, remat=False,
+                chunk=None):
+    """The train benchmark's model split ``(graphdef, lora params, base)``, batch (random tokens,
+    seed 1) and loss, as the peer computes it (also used by the scripts in experiments/scripts/).
+    Returns ``(model, graphdef, lora_params, base, data, loss_fn)``."""
     model = CausalLM(cfg, lora, rngs=nnx.Rngs(0))
-    n_params = cfg.num_params()
-    n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     graphdef, lora_p, base = split_lora(model)
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, seq)), jnp.int32)
@@ -89,6 +91,15 @@ def bench_train(cfg, lora, batch, seq, prompt_len, warmup, iters, remat, chunk):
         lp = token_logprobs(m, d["tokens"], d["positions"], d["segments"], chunk_size=chunk,
                             remat=remat).logprobs
         return -jnp.sum(lp * d["adv"][:, None] * d["mask"]) / jnp.sum(d["mask"]), {}
+
+    return model, graphdef, lora_p, base, data, loss_fn
+
+
+def bench_train(cfg, lora, batch, seq, prompt_len, warmup, iters, remat, chunk):
+    model, graphdef, lora_p, base, data, loss_fn = train_setup(cfg, lora, batch, seq, prompt_len,
+                                                               remat, chunk)
+    n_params = cfg.num_params()
+    n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
 
     tx = optax.adamw(1e-5, weight_decay=0.0)
     opt = tx.init(lora_p)

@@ -16,13 +16,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 
-from benchmarks.models import PEER_CONFIG, PEER_LORA
-from mtrl_jax.models import CausalLM, split_lora, transformer
-from mtrl_jax.models.logprobs import token_logprobs
+from benchmarks.models import train_setup
+from mtrl_jax.models import transformer
 from mtrl_jax.runtime import reexec_with_fast_malloc
 from mtrl_jax.training.lora_step import make_lora_train_step
 
@@ -57,23 +54,12 @@ def main():
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--variants", default="repeat_kv")
     args = p.parse_args()
-    model = CausalLM(PEER_CONFIG, PEER_LORA, rngs=nnx.Rngs(0))
-    graphdef, lora, base = split_lora(model)
-    rng = np.random.default_rng(1)
-    b, L = 8, 1024
-    data = dict(tokens=jnp.asarray(rng.integers(1, 8192, (b, L)), jnp.int32),
-                adv=jnp.asarray(rng.normal(size=(b,)).astype(np.float32)),
-                mask=jnp.zeros((b, L)).at[:, 128:].set(1.0),
-                positions=jnp.broadcast_to(jnp.arange(L), (b, L)),
-                segments=jnp.ones((b, L), jnp.int32))
-
-    def loss_fn(m, d):
-        lp = token_logprobs(m, d["tokens"], d["positions"], d["segments"]).logprobs
-        return -jnp.sum(lp * d["adv"][:, None] * d["mask"]) / jnp.sum(d["mask"]), {}
+    _, graphdef, lora, base, data, loss_fn = train_setup()
 
     tx = optax.adamw(1e-5, weight_decay=0.0)
     opt = tx.init(lora)
     default_attend, steps, losses = transformer.attend, {}, {}
+
     def fixed_block(impl, size):
         return lambda q, k, v, mask, causal_block=None: impl(q, k, v, mask, causal_block=size)
 
@@ -81,7 +67,7 @@ def main():
              "block64": fixed_block(default_attend, 64),
              "repeat_kv": fixed_block(repeat_kv_attend, transformer.ATTENTION_BLOCK),
              "softmax": fixed_block(functools.partial(repeat_kv_attend, softmax=True),
-                                          transformer.ATTENTION_BLOCK)}
+                                    transformer.ATTENTION_BLOCK)}
     for name in ["current"] + args.variants.split(","):
         impl = impls[name]
         transformer.attend = impl

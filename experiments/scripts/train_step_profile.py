@@ -5,33 +5,16 @@ a ``jax.profiler`` trace of a few steps, op time summed per op and per thread.
 """
 import argparse
 
-import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 
-from benchmarks.models import PEER_CONFIG, PEER_LORA
+from benchmarks.models import train_setup
 from experiments.scripts.xla_op_profile import op_times
-from mtrl_jax.models import CausalLM, split_lora
-from mtrl_jax.models.logprobs import token_logprobs
 from mtrl_jax.runtime import reexec_with_fast_malloc
 from mtrl_jax.training.lora_step import make_lora_train_step
 
 
-def train_step_and_args(b=8, length=1024):
-    model = CausalLM(PEER_CONFIG, PEER_LORA, rngs=nnx.Rngs(0))
-    graphdef, lora, base = split_lora(model)
-    rng = np.random.default_rng(1)
-    data = dict(tokens=jnp.asarray(rng.integers(1, 8192, (b, length)), jnp.int32),
-                adv=jnp.asarray(rng.normal(size=(b,)).astype(np.float32)),
-                mask=jnp.zeros((b, length)).at[:, 128:].set(1.0),
-                positions=jnp.broadcast_to(jnp.arange(length), (b, length)),
-                segments=jnp.ones((b, length), jnp.int32))
-
-    def loss_fn(m, d):
-        lp = token_logprobs(m, d["tokens"], d["positions"], d["segments"]).logprobs
-        return -jnp.sum(lp * d["adv"][:, None] * d["mask"]) / jnp.sum(d["mask"]), {}
-
+def train_step_and_args():
+    _, graphdef, lora, base, data, loss_fn = train_setup()
     tx = optax.adamw(1e-5, weight_decay=0.0)
     step = make_lora_train_step(graphdef, tx, loss_fn)
     return step, (lora, tx.init(lora), base, data)
