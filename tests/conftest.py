@@ -1,4 +1,4 @@
-"""Test-wide settings: CPU JAX, deterministic hypothesis profiles."""
+"""Test-wide settings: CPU JAX, data folders, deterministic hypothesis profiles."""
 
 import atexit
 import os
@@ -12,6 +12,12 @@ os.environ["MTRL_DATA_DIR"] = _DATA = tempfile.mkdtemp(prefix="mtrl-test-data-")
 from hypothesis import HealthCheck, settings
 
 atexit.register(shutil.rmtree, _DATA, True)
+
+# SOP-Bench data (CC BY-NC, evaluation and tests only) lies beside the clone, never in it
+_SOP_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                          "shared", "sop-bench")
+if "MTRL_SOP_BENCH_DIR" not in os.environ and os.path.isdir(_SOP_BENCH):
+    os.environ["MTRL_SOP_BENCH_DIR"] = os.path.normpath(_SOP_BENCH)
 
 settings.register_profile(
     "ci",

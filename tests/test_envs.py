@@ -9,7 +9,6 @@ import pytest
 
 from mtrl_jax.cli import main as cli_main
 from mtrl_jax.envs.base import ToolError
-from mtrl_jax.envs.check import env_check
 from mtrl_jax.envs.families import load_tasks, make_env
 from mtrl_jax.envs.scoring import (
     dense_reward,
@@ -19,6 +18,7 @@ from mtrl_jax.envs.scoring import (
 )
 from mtrl_jax.envs.sop import load_sop_domain
 from mtrl_jax.envs.sop_synth import generate_domain
+from mtrl_jax.rollout.env_check import env_check
 from mtrl_jax.rollout.parsing import ToolCall
 
 

@@ -2,20 +2,39 @@
 
 Expected strings below are what the benchmark's tools.py returns (json.dumps of the result, or
 "Error: <message>"), as read from amazon-science/SOP-Bench and checked against its data.
-Skipped, with the reason shown, when the SOP-Bench data folder is absent.
+The data is read from $MTRL_SOP_BENCH_DIR (tests/conftest.py points it at ../shared/sop-bench,
+beside the clone). Where the data is absent these tests are skipped with the reason shown, except
+in CI (CI set), where an absent folder fails them: CI must run them. The loader itself is tested
+without this data in tests/test_sop_format.py.
 """
 
 import asyncio
+import os
 
 import pytest
 
 from mtrl_jax.envs.base import ToolError
-from mtrl_jax.envs.check import env_check
-from mtrl_jax.envs.families import SOP_BENCH_DOMAINS, load_tasks, make_env, sop_bench_root
-from mtrl_jax.rollout.parsing import ToolCall
+from mtrl_jax.envs.families import (
+    SOP_BENCH_DOMAINS,
+    load_tasks,
+    make_env,
+    sop_bench_folder,
+    sop_bench_roots,
+)
+from mtrl_jax.envs.tools import ToolCall
+from mtrl_jax.rollout.env_check import env_check
 
-pytestmark = pytest.mark.skipif(sop_bench_root() is None,
-                                reason="SOP-Bench data absent (set MTRL_SOP_BENCH_DIR)")
+_ABSENT = [d for d in SOP_BENCH_DOMAINS if sop_bench_folder(d) is None]
+
+
+@pytest.fixture(autouse=True)
+def _sop_bench_data():
+    if _ABSENT:
+        why = (f"SOP-Bench data absent: {_ABSENT} not found under MTRL_SOP_BENCH_DIR="
+               f"{os.pathsep.join(sop_bench_roots()) or '(unset)'}")
+        if os.environ.get("CI"):
+            pytest.fail(why + " (CI must run these tests)")
+        pytest.skip(why)
 
 
 def call(domain, name, **args):

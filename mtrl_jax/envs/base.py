@@ -12,6 +12,10 @@ An :class:`Environment` is created per episode. A user subclasses it (or uses
 
 Tools may be sync or async. Each call runs under ``tool_timeout_s``; invalid arguments, unknown
 tools, exceptions and timeouts become :class:`ToolError` messages the model reads next turn.
+An environment whose tools answer from data rather than Python functions (replayed fixtures,
+SOP tool maps) overrides ``invoke`` and keeps that guarded path; ``validate_schema = False``
+turns the JSON-schema check off when the environment reproduces a system's own argument
+errors, and ``unknown_tool_message`` words the answer to a call of a tool that does not exist.
 """
 
 from __future__ import annotations
@@ -22,8 +26,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mtrl_jax.envs.tools import Tool, validate_arguments
-from mtrl_jax.rollout.parsing import ToolCall
+from mtrl_jax.envs.tools import Tool, ToolCall, validate_arguments
 
 
 @dataclasses.dataclass
@@ -98,6 +101,9 @@ class Environment:
     """Base class; override ``tools``, ``setup``, ``teardown`` and ``reward``."""
 
     tool_timeout_s: float = 10.0
+    #: Check arguments against each tool's JSON schema before the call. Off for environments
+    #: that reproduce another system's own argument checks and messages (a replayed benchmark).
+    validate_schema: bool = True
 
     def tools(self) -> list[Tool]:
         return []
@@ -124,15 +130,19 @@ class Environment:
             return await tool.fn(**arguments)
         return await asyncio.to_thread(tool.fn, **arguments)
 
+    def unknown_tool_message(self, name: str) -> str:
+        """What the model reads after calling a tool that does not exist."""
+        return f"unknown tool {name!r}; available tools: {sorted(self.tool_map())}"
+
     async def call_tool(self, call: ToolCall) -> str:
         """Validate and run one call under the timeout; failures raise :class:`ToolError`."""
-        tools = self.tool_map()
-        tool = tools.get(call.name)
+        tool = self.tool_map().get(call.name)
         if tool is None:
-            raise ToolError(f"unknown tool {call.name!r}; available tools: {sorted(tools)}")
-        errors = validate_arguments(tool, call.arguments)
-        if errors:
-            raise ToolError(f"invalid arguments for {call.name!r}: " + "; ".join(errors))
+            raise ToolError(self.unknown_tool_message(call.name))
+        if self.validate_schema:
+            errors = validate_arguments(tool, call.arguments)
+            if errors:
+                raise ToolError(f"invalid arguments for {call.name!r}: " + "; ".join(errors))
         try:
             result = await asyncio.wait_for(self.invoke(tool, dict(call.arguments)),
                                             self.tool_timeout_s)

@@ -63,6 +63,17 @@ class Tool:
         return self.fn is not None and inspect.iscoroutinefunction(self.fn)
 
 
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """One call the model made: the tool's ``name``, its ``arguments`` object and the ``raw``
+    text of the block it came from. Defined here, beside :class:`Tool`, so environments need
+    nothing from the rollout side (``mtrl_jax.rollout.parsing`` builds these from model text)."""
+
+    name: str
+    arguments: dict[str, Any]
+    raw: str = ""
+
+
 # ------------------------------------------------------------------------------ schemas
 
 

@@ -8,7 +8,8 @@ A tool call is a JSON object inside ``<tool_call>...</tool_call>``::
 
 A turn may hold several. :func:`parse_tool_calls` never raises: malformed blocks (unclosed tag,
 invalid JSON, missing name, non-object arguments) come back as ``errors`` that the agent loop
-shows to the model and counts.
+shows to the model and counts. :class:`ToolCall` is defined in :mod:`mtrl_jax.envs.tools` and
+re-exported here.
 """
 
 from __future__ import annotations
@@ -16,18 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any
+
+from mtrl_jax.envs.tools import ToolCall  # re-exported: it lives with the tools (envs layer)
+
+__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ParsedTurn", "ToolCall", "parse_tool_calls"]
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
-
-
-@dataclasses.dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: dict[str, Any]
-    raw: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
