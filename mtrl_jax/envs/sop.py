@@ -525,7 +525,8 @@ def _check_cells(path: str, rows: list[dict[str, str]], lines: list[int],
                 convert(value, kind)
             except (ValueError, SyntaxError, TypeError, RecursionError) as e:
                 raise SopFormatError(
-                    f"{path}:{line}: column {col!r}: {value[:80]!r} is not a {kind} (tool "
+                    f"{path}:{line}: column {col!r}: {value[:80]!r} is not "
+                    f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} (tool "
                     f"{tool!r} reads this column as {kind} in {key!r}): "
                     f"{type(e).__name__}: {e}") from None
 
