@@ -1,9 +1,13 @@
 """Task families, replayed SOP tools, scorers and env-check."""
 
+import ast
 import asyncio
 import filecmp
+import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -178,3 +182,27 @@ def test_replay_environment_answers_from_jsonl_and_csv_fixtures(tmp_path):
             return a
 
         assert asyncio.run(go()) in ('{"total": 10}', "10")
+
+
+def test_envs_import_nothing_from_rollout_or_training():
+    """Layering: an environment is usable without the agent loop or the trainer. Every import
+    statement in mtrl_jax/envs (function bodies included), and what importing it pulls in."""
+    envs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtrl_jax",
+                        "envs")
+    forbidden = ("mtrl_jax.rollout", "mtrl_jax.training")
+    direct = []
+    for path in glob.glob(os.path.join(envs, "*.py")):
+        with open(path) as f:
+            for node in ast.walk(ast.parse(f.read())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                         [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                direct += [f"{os.path.basename(path)}: {n}" for n in names
+                           if n.startswith(forbidden)]
+    assert direct == []
+    modules = [f"mtrl_jax.envs.{os.path.basename(p)[:-3]}"
+               for p in glob.glob(os.path.join(envs, "*.py"))]
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            f"print([m for m in sys.modules if m.startswith({forbidden!r})])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip() == "[]", out.stdout

@@ -152,7 +152,7 @@ def _random_turns(task: Task, tools: list[Any], rng: random.Random) -> list[str]
     final answer with random values."""
     values = [str(v) for v in (task.data.get("inputs") or {}).values()] + ["x", "1", "yes"]
     turns = []
-    for _ in range(rng.randint(0, 3)):
+    for _ in range(rng.randint(0, 3) if tools else 0):  # an environment may have no tools
         t = rng.choice(tools)
         props = t.parameters.get("properties", {})
         args = {k: rng.choice(values) for k in props if rng.random() < 0.8}
