@@ -5,6 +5,10 @@ end), ``env-check``, ``eval`` (the external evaluation: strict success, pass@k, 
 fine-tuned), ``reward-audit`` (the recipe's reward against the strict scorer on baseline
 rollouts), ``report`` (an HTML page of a run), ``doctor`` (known failure patterns in a run's
 metrics).
+
+Every command takes ``--import MODULE`` (repeatable: a dotted module name or a ``.py`` file)
+that is imported first, so a task family of your own registers itself; commands that read a
+recipe also add it to ``data.imports``, so rollout worker processes import it too.
 """
 
 from __future__ import annotations
@@ -16,29 +20,21 @@ import sys
 
 
 def _env_check(args: argparse.Namespace) -> int:
-    from mtrl_jax.envs.check import env_check
+    from mtrl_jax.envs.sop import SopFormatError
+    from mtrl_jax.rollout.env_check import env_check, format_report
 
-    report = env_check(args.task, split=args.split, n=args.n, seed=args.seed)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
-    else:
-        o, r = report.oracle, report.random
-        print(f"{report.task} ({report.split}, {report.n} tasks, each policy run twice)")
-        print(f"  oracle: strict success {o.strict_success:.3f}, mean reward {o.mean_reward:.3f},"
-              f" tool error rate {o.tool_error_rate:.3f}, {o.episodes_per_s} episodes/s")
-        print(f"  random: strict success {r.strict_success:.3f}, mean reward {r.mean_reward:.3f},"
-              f" tool error rate {r.tool_error_rate:.3f}")
-        print(f"  oracle tool calls: {o.tool_calls}")
-        print(f"  random finish reasons: {r.finish_reasons}")
-        print(f"  identical tool results across runs: {report.deterministic}")
-        for m in report.mismatches:
-            print(f"    {m}")
-        print("OK" if report.ok else "FAILED")
+    try:
+        report = env_check(args.task, split=args.split, n=args.n, seed=args.seed,
+                           reward=args.reward, reference=args.reference)
+    except (SopFormatError, FileNotFoundError, ImportError, KeyError, ValueError) as e:
+        print(f"mtrl env-check: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
     return 0 if report.ok else 1
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mtrl_jax.training.config import ConfigError
+    from mtrl_jax.config import ConfigError
     from mtrl_jax.training.trainer import CheckpointError, MultiTurnRLTrainer
 
     try:
@@ -69,8 +65,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from mtrl_jax.config import ConfigError
     from mtrl_jax.evaluation.evaluator import MultiTurnRLEvaluator
-    from mtrl_jax.training.config import ConfigError
 
     adapter = args.adapter
     recipe = args.recipe
@@ -93,8 +89,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _reward_audit(args: argparse.Namespace) -> int:
+    from mtrl_jax.config import ConfigError
     from mtrl_jax.evaluation.reward_audit import format_report, reward_audit
-    from mtrl_jax.training.config import ConfigError
 
     try:
         report = reward_audit(args.recipe, args.overrides, n_tasks=args.n,
@@ -145,17 +141,28 @@ def _doctor(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrl", description="mtrl_jax: multi-turn agentic RL "
                                 "of language models in JAX.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="a module (dotted name or .py file) to import "
+                        "first, e.g. one that registers your own task family (repeatable)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    ec = sub.add_parser("env-check", help="run a scripted oracle and a random policy on a task "
-                        "family and check the environment")
+    add = lambda *a, **kw: sub.add_parser(*a, parents=[common], **kw)
+    ec = add("env-check", help="run a scripted oracle and a random policy on a task "
+             "family and check the environment")
     ec.add_argument("task", help="family:name, e.g. sop_synth:aircraft_inspection")
     ec.add_argument("--split", default="test")
-    ec.add_argument("--n", type=int, default=50, help="number of tasks")
+    ec.add_argument("--n", type=int, default=None,
+                    help="check a seeded sample of N tasks (default: every task of the split)")
     ec.add_argument("--seed", type=int, default=0)
+    ec.add_argument("--reward", default=None, help="the family's reward kind (default: its "
+                    "first)")
+    ec.add_argument("--reference", default=None, metavar="MODULE[:Class]",
+                    help="a reference implementation of the tools (functions or methods named "
+                    "like them): every tool call is repeated on it and the answers compared")
     ec.add_argument("--json", action="store_true", help="print the report as JSON")
     ec.set_defaults(fn=_env_check)
 
-    tr = sub.add_parser("train", help="train with a YAML recipe (resumes from the newest "
+    tr = add("train", help="train with a YAML recipe (resumes from the newest "
                         "checkpoint in output_dir)")
     tr.add_argument("--recipe", required=True, help="YAML recipe, e.g. configs/demo_cpu.yaml")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -164,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start at step 0 even if output_dir holds checkpoints")
     tr.set_defaults(fn=_train)
 
-    de = sub.add_parser("demo", help="the CPU demo: warm-up (cached), base evaluation, RL, "
+    de = add("demo", help="the CPU demo: warm-up (cached), base evaluation, RL, "
                         "evaluation, base-vs-trained table")
     de.add_argument("--seeds", type=int, nargs="+", default=[0])
     de.add_argument("--output-dir", default="runs/demo")
@@ -172,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="overrides of configs/demo_cpu.yaml")
     de.set_defaults(fn=_demo)
 
-    ev = sub.add_parser("eval", help="the external evaluation of a model (and its base) on a "
+    ev = add("eval", help="the external evaluation of a model (and its base) on a "
                         "held-out split: strict success, pass@k, per-field accuracy, budgets")
     ev.add_argument("--run", default=None,
                     help="a training run folder: its recipe and its adapter")
@@ -190,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ev.set_defaults(fn=_eval)
 
-    ra = sub.add_parser("reward-audit", help="before training: the recipe's reward vs the "
+    ra = add("reward-audit", help="before training: the recipe's reward vs the "
                         "strict scorer on baseline rollouts (exit 1 unless safe)")
     ra.add_argument("--recipe", required=True)
     ra.add_argument("--n", type=int, default=32, help="training tasks to play")
@@ -199,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ra.set_defaults(fn=_reward_audit)
 
-    rp = sub.add_parser("report", help="an HTML page (and PNGs) of a run: curves, completion "
+    rp = add("report", help="an HTML page (and PNGs) of a run: curves, completion "
                         "vs correctness, per-field bars, budgets, disagreements")
     rp.add_argument("run", help="a run folder (its mlflow.db)")
     rp.add_argument("--eval", default=None, help="eval_results.json (default RUN/eval/...)")
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--tracking-uri", default=None)
     rp.set_defaults(fn=_report)
 
-    do = sub.add_parser("doctor", help="name known failure patterns in a run's MLflow metrics, "
+    do = add("doctor", help="name known failure patterns in a run's MLflow metrics, "
                         "with the first thing to change")
     do.add_argument("run", help="a run folder (its mlflow.db) or an MLflow run id")
     do.add_argument("--tracking-uri", default=None,
@@ -227,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
         from mtrl_jax.runtime import reexec_with_fast_malloc
 
         reexec_with_fast_malloc()  # replaces the process once (see mtrl_jax/runtime.py)
+    if args.imports:
+        from mtrl_jax.envs.families import import_user_modules
+
+        # absolute paths: rollout worker processes import the same files
+        args.imports = [os.path.abspath(m) if m.endswith(".py") else m for m in args.imports]
+        try:
+            import_user_modules(args.imports)
+        except Exception as e:
+            print(f"mtrl {args.command}: --import: {e}", file=sys.stderr)
+            return 2
+        if isinstance(getattr(args, "overrides", None), list):
+            args.overrides = [f"data.imports={json.dumps(args.imports)}", *args.overrides]
     return args.fn(args)
 
 

@@ -307,8 +307,8 @@ def run_demo(*, seeds: list[int] | tuple[int, ...] = (0,), output_dir: str = "ru
         if verbose:
             print_table(seed, before, after, rl_seconds, trainer.get_mlflow_url())
     if len(seeds) > 1 and verbose:
-        b = np.mean([r["before"]["test/task_success_rate"] for r in results["seeds"].values()])
-        a = np.mean([r["after"]["test/task_success_rate"] for r in results["seeds"].values()])
+        b = np.mean([r["before"]["test/greedy/strict_success"] for r in results["seeds"].values()])
+        a = np.mean([r["after"]["test/greedy/strict_success"] for r in results["seeds"].values()])
         print(f"[demo] mean over {len(seeds)} seeds: held-out strict success {b:.3f} -> "
               f"{a:.3f} ({100 * (a - b):+.1f} points)")
     os.makedirs(output_dir, exist_ok=True)
@@ -318,12 +318,12 @@ def run_demo(*, seeds: list[int] | tuple[int, ...] = (0,), output_dir: str = "ru
 
 
 def print_table(seed: int, before: dict, after: dict, rl_seconds: float, url: str) -> None:
-    rows = [("strict task success (greedy)", "test/task_success_rate"),
-            ("strict task success (sampled)", "test/sampled_task_success_rate"),
-            ("pass@8 (sampled)", "test/reward/pass_k_8"),
-            ("field accuracy", "test/field_acc"),
-            ("completion rate", "test/completion_rate"),
-            ("mean turns", "test/turns/mean")]
+    rows = [("strict task success (greedy)", "test/greedy/strict_success"),
+            ("strict task success (sampled)", "test/sampled/strict_success"),
+            ("strict pass@8 (sampled)", "test/strict_pass_k_8"),
+            ("field accuracy", "test/greedy/field_acc"),
+            ("completion rate", "test/greedy/completion_rate"),
+            ("mean turns", "test/greedy/turns/mean")]
     print(f"\n[demo] seed {seed}: held-out test split, RL phase {rl_seconds:.0f} s")
     print(f"  {'metric':<32}{'base':>8}{'trained':>10}{'diff':>9}")
     for label, k in rows:

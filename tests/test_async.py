@@ -80,14 +80,14 @@ def test_k0_worker_process_equals_synchronous_trainer(tmp_path):
     sync.close()
     proc = make(tmp_path, "proc", 4, ["async_config.mode=process"])
     pool_pids, pools = [], []
-    orig = proc._start_pool
+    orig = proc._start_source
 
     def spy():
         orig()
-        pool_pids.extend(proc._pool.pids)
-        pools.append(proc._pool)
+        pool_pids.extend(proc.source.pids)
+        pools.append(proc.source)
 
-    proc._start_pool = spy
+    proc._start_source = spy
     b = proc.train()
     proc.close()
     assert len(a) == len(b) == 4
@@ -135,7 +135,7 @@ def test_sigkilled_worker_is_replaced_and_no_sample_is_lost_or_reused(tmp_path):
 
     def killer():
         while not stop.is_set() and len(kills) < 3:
-            pool = t._pool
+            pool = t.source
             ready = [w for w in (pool.workers.values() if pool else []) if w.ready]
             if ready and ready[0].pid not in kills:
                 time.sleep(rng.uniform(0.1, 0.6))  # somewhere inside a rollout (setup 0.4 s)
@@ -150,13 +150,13 @@ def test_sigkilled_worker_is_replaced_and_no_sample_is_lost_or_reused(tmp_path):
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     pools = []
-    orig = t._start_pool
+    orig = t._start_source
 
     def spy():
         orig()
-        pools.append(t._pool)
+        pools.append(t.source)
 
-    t._start_pool = spy
+    t._start_source = spy
     hist = t.train()
     stop.set()
     th.join()
@@ -258,7 +258,7 @@ def test_a_hung_worker_is_replaced_after_the_heartbeat_timeout(tmp_path):
 
     def freezer():
         while not stopped:
-            pool = t._pool
+            pool = t.source
             ready = [w for w in (pool.workers.values() if pool else []) if w.ready]
             if ready:
                 os.kill(ready[0].pid, signal.SIGSTOP)  # alive, but silent
@@ -266,13 +266,13 @@ def test_a_hung_worker_is_replaced_after_the_heartbeat_timeout(tmp_path):
             time.sleep(0.05)
 
     pools = []
-    orig = t._start_pool
+    orig = t._start_source
 
     def spy():
         orig()
-        pools.append(t._pool)
+        pools.append(t.source)
 
-    t._start_pool = spy
+    t._start_source = spy
     th = threading.Thread(target=freezer, daemon=True)
     th.start()
     hist = t.train()

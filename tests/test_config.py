@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from mtrl_jax.training.config import ConfigError, TrainConfig, flatten, load_config
+from mtrl_jax.config import ConfigError, TrainConfig, flatten, load_config
 from mtrl_jax.training.packing import Segment, pack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +51,10 @@ def test_misspelt_key_names_path_and_closest(override, expected):
 @pytest.mark.parametrize("override, fragment", [
     ("rollout.group_size=four", "rollout.group_size: expected an integer"),
     ("rollout.group_size=0", "rollout.group_size"),
-    ("algorithm.policy_loss=ppp", "algorithm.policy_loss"),
-    ("algorithm.advantage_method=grpo2", "algorithm.advantage_method"),
+    ("algorithm.loss.name=ppp", "algorithm.loss.name: unknown loss 'ppp'"),
+    ("algorithm.advantage=grpo2", "algorithm.advantage.name: unknown advantage 'grpo2'"),
+    ("algorithm.policy_loss=cispo", "'algorithm.policy_loss' was replaced by 'algorithm.loss"),
+    ("algorithm.loss.clip_high=-1", "algorithm.loss: ppo: clip_high must be >= 0"),
     ("data.system_prompt=maybe", "data.system_prompt"),
     ("optimizer.learning_rate=-1", "optimizer.learning_rate"),
     ("async_config.max_steps_off_policy=-1", "async_config.max_steps_off_policy"),
@@ -81,7 +83,8 @@ def test_every_shipped_recipe_loads():
 
 def test_flatten_for_params():
     flat = flatten(load_config().to_dict())
-    assert flat["rollout.group_size"] == 8 and "algorithm.policy_loss" in flat
+    assert flat["rollout.group_size"] == 8 and flat["algorithm.loss.name"] == "ppo"
+    assert flat["algorithm.loss.clip_high"] == 0.2 and flat["algorithm.advantage.std_ddof"] == 1
 
 
 # ------------------------------------------------------------------------------ packing
@@ -121,3 +124,88 @@ def test_packing_layout():
 def test_packing_too_long_fails_clearly():
     with pytest.raises(ValueError, match="does not fit the longest packing row"):
         pack([_seg(70, 1.0)], (16, 64))
+
+
+# ------------------------------------------------------------------------------ kernel choices
+
+def test_a_kernel_and_its_parameters_are_built_from_the_registry():
+    from mtrl_jax.kernels import CISPOParams, PassKParams, PerTurnParams, PPOParams
+
+    c = load_config({"algorithm": {"advantage": {"name": "grpo_passk", "k": 4},
+                                   "loss": {"name": "cispo", "clip_high": 0.3}}})
+    assert c.algorithm.advantage.params == PassKParams(k=4)
+    assert c.algorithm.loss.params == CISPOParams(clip_low=1.0, clip_high=0.3)
+    # a bare name: the kernel's own defaults (CISPO's, not PPO's clip range)
+    c = load_config(overrides=["algorithm.loss=cispo",
+                               "algorithm.advantage=group_based_per_turn",
+                               "algorithm.advantage.gamma=0.5"])
+    assert c.algorithm.loss.params == CISPOParams()
+    assert c.algorithm.advantage.params == PerTurnParams(gamma=0.5)
+    assert load_config(overrides=["algorithm.loss.dual_clip=3"]).algorithm.loss.params == \
+        PPOParams(dual_clip=3.0)
+
+
+def test_an_override_naming_another_kernel_does_not_inherit_the_recipes_parameters():
+    from mtrl_jax.kernels import CISPOParams, PPOParams
+
+    recipe = {"algorithm": {"loss": {"name": "ppo", "clip_low": 0.1, "clip_high": 0.3}}}
+    c = load_config(recipe, ["algorithm.loss.name=cispo"])
+    assert c.algorithm.loss.params == CISPOParams()
+    c = load_config(recipe, ["algorithm.loss.clip_high=0.4", "algorithm.loss.name=cispo"])
+    assert c.algorithm.loss.params == CISPOParams(clip_high=0.4)  # given with the new name
+    c = load_config(recipe, ["algorithm.loss.name=ppo", "algorithm.loss.clip_high=0.5"])
+    assert c.algorithm.loss.params == PPOParams(clip_low=0.1, clip_high=0.5)  # same kernel
+    c = load_config(recipe, {"algorithm.loss": {"name": "cispo", "clip_low": 0.5}})
+    assert c.algorithm.loss.params == CISPOParams(clip_low=0.5)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["algorithm.loss=is", "algorithm.loss.clip_low=0.1"],
+     r"unknown key 'algorithm.loss.clip_low' \(a parameter of \['cispo', 'gspo', 'ppo'\]\): "
+     r"loss 'is' takes \['max_weight'\]"),
+    (["algorithm.advantage.k=4"],
+     r"'algorithm.advantage.k' \(a parameter of \['grpo_passk'\]\): advantage 'group_based'"),
+    (["algorithm.advantage=rloo", "algorithm.advantage.normalize_by_std=false"],
+     "advantage 'rloo' takes no parameters"),
+    (["algorithm.loss.clip_hihg=0.3"], "did you mean 'algorithm.loss.clip_high'"),
+    (["algorithm.advantage=grpo_passk", "algorithm.advantage.k=9"],
+     "algorithm.advantage.k: pass@9 needs at least 9 samples per task, but rollout.group_size "
+     "is 8"),
+    (["algorithm.aggregation=seq_mean_token_sum_norm"],
+     "algorithm.norm_length: .* rollout.max_turns x rollout.sampling_max_tokens = 512"),
+    (["algorithm.aggregation=seq_mean"], "algorithm.aggregation: 'seq_mean' is not one of"),
+    (["algorithm.tis_level=segment"], "algorithm.tis_level"),
+    (["algorithm.tis_cap=0"], "algorithm: tis.cap must be > 0"),
+])
+def test_kernel_settings_fail_at_load_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(overrides=overrides)
+
+
+def test_an_estimator_the_trainer_cannot_feed_fails_at_load():
+    import dataclasses
+
+    from mtrl_jax.kernels import ADVANTAGE_ESTIMATORS
+
+    entry = dataclasses.replace(ADVANTAGE_ESTIMATORS.get("rloo"), extra_inputs=("values",))
+    ADVANTAGE_ESTIMATORS.register("needs_values", entry)
+    try:
+        with pytest.raises(ConfigError, match=r"algorithm.advantage.name: estimator "
+                           r"'needs_values' needs \['values'\], which the trainer does not "
+                           r"feed .* choose one of \['group_based', 'group_based_per_turn', "
+                           r"'grpo_passk', 'opo', 'reinforce_pp_baseline', 'rloo'\]"):
+            load_config(overrides=["algorithm.advantage=needs_values"])
+    finally:
+        ADVANTAGE_ESTIMATORS._entries.pop("needs_values")
+
+
+def test_every_registered_kernel_loads_and_round_trips_through_to_dict():
+    from mtrl_jax.kernels import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+    for adv in ADVANTAGE_ESTIMATORS.names():
+        for loss in POLICY_LOSSES.names():
+            c = load_config(overrides=[f"algorithm.advantage={adv}", f"algorithm.loss={loss}",
+                                       "algorithm.aggregation=seq_mean_token_sum_norm",
+                                       "algorithm.norm_length=64", "algorithm.kl_coef=0.1"])
+            assert load_config(c.to_dict()) == c
+            assert c.loss_config.norm_length == 64 and c.loss_config.kl_coef == 0.1

@@ -91,6 +91,6 @@ def test_tiny_warmup_then_rl_runs(tmp_path, monkeypatch):
     hist = t.train()
     test = t.evaluate("test", tasks=t.val_tasks[:2])
     t.close()
-    assert len(hist) == 1 and "val/task_success_rate" in hist[0]
-    assert "test/task_success_rate" in test and "test/field_acc" in test
+    assert len(hist) == 1 and "val/greedy/strict_success" in hist[0]
+    assert "test/greedy/strict_success" in test and "test/greedy/field_acc" in test
     assert dataclasses.is_dataclass(t.config)

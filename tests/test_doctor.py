@@ -22,8 +22,8 @@ def _hist(reward, **extra):
         "rollout/truncated_frac": [(s, 0.01) for s in range(len(r))],
         "rollout/completion_rate": [(s, 0.95) for s in range(len(r))],
         "train/grad_norm": [(s, 0.5) for s in range(len(r))],
-        "val/completion_rate": [(s, 0.95) for s in range(0, len(r) + 1, 10)],
-        "val/task_success_rate": [(s, 0.1 + 0.1 * i) for i, s in
+        "val/greedy/completion_rate": [(s, 0.95) for s in range(0, len(r) + 1, 10)],
+        "val/greedy/strict_success": [(s, 0.1 + 0.1 * i) for i, s in
                                   enumerate(range(0, len(r) + 1, 10))],
         "val/reward_strict_disagreements": [(s, 2.0) for s in range(0, len(r) + 1, 10)],
     }

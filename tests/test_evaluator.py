@@ -42,17 +42,18 @@ def test_bootstrap_diff():
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     t = MultiTurnRLTrainer(overrides=TINY + ["steps=2", f"output_dir={out}", "eval_interval=0"],
-                           train_tasks=_tasks("train", 6), make_env=make_even_env,
-                           verbose=False)
+                           train_tasks=_tasks("train", 6), val_tasks=_tasks("val", 3),
+                           make_env=make_even_env, verbose=False)
     t.train()
     lora = [np.asarray(x) for x in jax.tree.leaves(t.lora)]
     config = t.config
+    val = t.evaluate("val", log_metrics=False, log_traces=False)
     t.close()
-    return out, lora, config
+    return out, lora, config, val
 
 
 def test_peft_adapter_round_trip(trained_run):
-    out, lora, config = trained_run
+    out, lora, config, _ = trained_run
     _, model = build_policy(config)
     load_peft_adapter(model, out / "adapter")
     from mtrl_jax.models.lora import split_lora
@@ -67,7 +68,7 @@ def test_peft_adapter_round_trip(trained_run):
 
 
 def test_base_vs_finetuned_side_by_side(trained_run, tmp_path):
-    out, _, _ = trained_run
+    out, _, _, _ = trained_run
 
     def run():
         ev = MultiTurnRLEvaluator(adapter=out / "adapter", overrides=TINY,
@@ -79,17 +80,22 @@ def test_base_vs_finetuned_side_by_side(trained_run, tmp_path):
     ev, res = run()
     base, ft = res["models"]["base"], res["models"]["finetuned"]
     for m in (base, ft):
-        for k in ("task_success", "pass_k_1", "pass_k_4", "reward_pass_k_4", "reward/mean",
-                  "completion_rate", "max_turns_frac", "truncated_frac", "tool_error_rate",
-                  "format_compliance", "turns/mean", "tokens/mean"):
+        for k in ("greedy/strict_success", "sampled/strict_success", "strict_pass_k_1",
+                  "strict_pass_k_4", "reward_pass_k_4", "greedy/reward/mean",
+                  "sampled/reward/mean", "greedy/completion_rate", "sampled/completion_rate",
+                  "greedy/max_turns_frac", "greedy/truncated_frac", "greedy/tool_error_rate",
+                  "greedy/format_compliance", "greedy/turns/mean", "greedy/tokens/response_mean",
+                  "reward_strict_disagreements"):
             assert k in m and np.isfinite(m[k]), k
-        assert m["pass_k_1"] <= m["pass_k_4"]
-    assert base["reward/mean"] != ft["reward/mean"]  # the adapter changed the policy
-    d = res["diff"]["reward"]
+        assert m["strict_pass_k_1"] <= m["strict_pass_k_4"]
+        assert m["strict_pass_k_1"] == pytest.approx(m["sampled/strict_success"])
+    # the adapter changed the policy
+    assert base["greedy/reward/mean"] != ft["greedy/reward/mean"]
+    d = res["diff"]["greedy/reward/mean"]
     assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     per = res["per_task"]
-    assert d["diff"] == pytest.approx(np.mean(per["finetuned"]["reward"])
-                                      - np.mean(per["base"]["reward"]))
+    assert d["diff"] == pytest.approx(np.mean(per["finetuned"]["greedy/reward/mean"])
+                                      - np.mean(per["base"]["greedy/reward/mean"]))
     with open(ev.results_path) as f:
         assert json.load(f)["models"]["base"] == base
     _, again = run()  # same seed, same numbers
@@ -98,14 +104,14 @@ def test_base_vs_finetuned_side_by_side(trained_run, tmp_path):
 
     client = MlflowClient(f"sqlite:///{os.path.join(tmp_path / 'eval', 'mlflow.db')}")
     runs = client.search_runs([client.get_experiment_by_name("mtrl_eval").experiment_id])
-    assert runs and "eval/finetuned/task_success" in runs[0].data.metrics
-    assert "eval/diff/reward_ci_low" in runs[0].data.metrics
+    assert runs and "eval/finetuned/greedy/strict_success" in runs[0].data.metrics
+    assert "eval/diff/greedy/reward/mean_ci_low" in runs[0].data.metrics
 
 
 def test_cli_eval_of_a_training_run(trained_run, tmp_path, capsys):
     from mtrl_jax.cli import main
 
-    out, _, _ = trained_run
+    out, _, _, _ = trained_run
     rc = main(["eval", "--run", str(out), "--n", "3", "--samples", "2",
                "--output-dir", str(tmp_path / "cli"), "data.task=math:arith",
                "data.system_prompt=none", "rollout.max_context_tokens=128"])
@@ -113,5 +119,20 @@ def test_cli_eval_of_a_training_run(trained_run, tmp_path, capsys):
     with open(tmp_path / "cli" / "eval_results.json") as f:
         res = json.load(f)
     assert list(res["models"]) == ["finetuned"] and res["n_tasks"] == 3
-    assert res["adapter"].endswith("adapter") and "pass_k_2" in res["models"]["finetuned"]
-    assert "task_success" in capsys.readouterr().out
+    assert res["adapter"].endswith("adapter") and "strict_pass_k_2" in res["models"]["finetuned"]
+    assert "greedy/strict_success" in capsys.readouterr().out
+
+
+def test_trainer_validation_and_evaluator_report_the_same_figures(trained_run, tmp_path):
+    """One definition of each metric: the trainer's val/* of its final weights equal, to the
+    last bit, what MultiTurnRLEvaluator reports for the exported adapter on the same tasks and
+    seed."""
+    out, _, config, val = trained_run
+    ev = MultiTurnRLEvaluator(adapter=out / "adapter", overrides=TINY, tasks=_tasks("val", 3),
+                              make_env=make_even_env, seed=config.seed,
+                              output_dir=tmp_path / "eval", verbose=False)
+    ft = ev.evaluate()["models"]["finetuned"]
+    from_trainer = {k.removeprefix("val/"): v for k, v in val.items()}
+    assert len(ft) > 30 and ft.keys() == from_trainer.keys()
+    assert ft == from_trainer
+    assert ft["greedy/strict_success"] == 0.0 and "strict_pass_k_2" in ft  # scored, not skipped

@@ -9,11 +9,11 @@ import urllib.request
 
 import pytest
 
+from mtrl_jax.config import load_config
 from mtrl_jax.evaluation.evaluator import MultiTurnRLEvaluator
 from mtrl_jax.evaluation.openai_compat import OpenAIChatClient, _to_template, serve_openai
 from mtrl_jax.rollout.parsing import parse_tool_calls
 from mtrl_jax.rollout.runner import build_policy
-from mtrl_jax.training.config import load_config
 from tests.async_envs import make_fields_env
 from tests.test_evaluator import _tasks
 from tests.test_trainer import TINY

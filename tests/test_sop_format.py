@@ -142,8 +142,13 @@ def test_a_user_domain_loads_as_sop_bench_by_root_and_by_path(bench_root, tmp_pa
     env = make_env(by_path[0])  # make_env finds the folder again from the task's name
     assert [t.name for t in env.tools()] == ["lookup_order", "check_policy", "get_courier_note"]
 
-    with pytest.raises(ValueError, match="evaluation only"):
+    # a user's own domain trains when it has a train split (only SOP-Bench's refuse one)
+    with pytest.raises(KeyError, match="has no 'train' split"):
         load_tasks("sop_bench:returns_desk", "train")
+    import shutil
+
+    shutil.copy(os.path.join(other, CSV), os.path.join(other, "train_set_with_outputs.csv"))
+    assert len(load_tasks(f"sop_bench:{other}", "train")) == len(ROWS)
     with pytest.raises(KeyError, match=r"Did you mean 'returns_desk'.*sop_bench:returns_desk"):
         split_task_name("sop_bench:returns_dsk")
 

@@ -1,8 +1,9 @@
 """Task families, named ``family:name`` everywhere (recipes, CLI, evaluation).
 
 ==========================================  ================================================
-``sop_bench:<domain>``                       SOP-Bench-format domains (evaluation only): a
-                                             folder under ``$MTRL_SOP_BENCH_DIR``, or a path
+``sop_bench:<domain>``                       SOP-Bench-format domains: a folder under
+                                             ``$MTRL_SOP_BENCH_DIR``, or a path (SOP-Bench's
+                                             own domains: evaluation only)
 ``sop_synth:aircraft_inspection``,           our synthetic SOP domains (training data),
 ``sop_synth:loan_triage``,                   generated once into ``$MTRL_DATA_DIR``
 ``sop_synth:preflight``
@@ -18,7 +19,8 @@ folder ``<name>`` under the first of them that has it, or ``<name>`` is a path t
 (``sop_bench:./my_domain``). The package ships tool maps for the SOP-Bench domains
 :data:`SOP_BENCH_DOMAINS`; any other domain folder brings its own ``tool_map.json`` (a folder's
 own map always wins; format in :mod:`mtrl_jax.envs.sop`). SOP-Bench data is licensed CC BY-NC
-4.0 and is for evaluation only: ``load_tasks`` refuses a ``train`` split of this family.
+4.0 and is for evaluation only: ``load_tasks`` refuses a ``train`` split of its domains
+(:data:`SOP_BENCH_DOMAINS`); a domain of your own trains from its ``train_set_with_outputs.csv``.
 
 Each family gives tasks, a per-episode environment factory taking a reward kind (the family's
 ``rewards``; the first is its default), and a scripted oracle (the turns a perfect agent would
@@ -336,10 +338,13 @@ def _load_domain(folder: str, tool_map: str, family: str, stamp: tuple) -> SopDo
 
 
 def _sop_bench_tasks(name, split, n, seed):
-    if split == "train":
-        raise ValueError("SOP-Bench is licensed for evaluation only (CC BY-NC 4.0): the "
-                         "sop_bench family has no train split. Train on sop_synth:* tasks (or a "
-                         "task family of your own).")
+    folder = sop_bench_folder(name)
+    if split == "train" and os.path.basename(os.path.normpath(folder or name)) in \
+            SOP_BENCH_DOMAINS:
+        raise ValueError("SOP-Bench is licensed for evaluation only (CC BY-NC 4.0): its "
+                         "domains have no train split here. Train on sop_synth:* tasks, a "
+                         "SOP-format domain of your own with a train_set_with_outputs.csv, or "
+                         "a task family of your own.")
     tasks = sop_bench_domain(name).tasks(split)
     for t in tasks:
         t.name = name  # as the user named it (a path, maybe): make_env finds the folder again

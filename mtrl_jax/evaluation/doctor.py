@@ -1,7 +1,8 @@
 """``mtrl doctor``: name the known failure patterns in a run's metric history.
 
-Each rule reads the metrics the trainer logs (``rollout/reward/mean``, ``val/task_success_rate``,
-``analysis/zero_adv_groups``, ``rollout/truncated_frac``, ``rollout/completion_rate``, ...) and,
+Each rule reads the metrics the trainer logs (``rollout/reward/mean``,
+``val/greedy/strict_success``, ``analysis/zero_adv_groups``, ``rollout/truncated_frac``,
+``rollout/completion_rate``, ...; definitions in :mod:`mtrl_jax.evaluation.metrics`) and,
 when its pattern is there, says what it saw (with the numbers), the first thing to change, and
 the metric that confirms the diagnosis. Rules are plain functions of the history, so each one is
 tested on a synthetic history showing its pattern and on a healthy one that must not trigger it.
@@ -10,7 +11,6 @@ tested on a synthetic history showing its pattern and on a healthy one that must
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -87,7 +87,7 @@ def uniform_groups(h: History) -> Finding | None:
 
 def reward_hacking(h: History) -> Finding | None:
     r = _reward(h)
-    _, val = _series(h, "val/task_success_rate")
+    _, val = _series(h, "val/greedy/strict_success")
     if len(r) < 9 or len(val) < 2:
         return None
     third = len(r) // 3
@@ -104,7 +104,7 @@ def reward_hacking(h: History) -> Finding | None:
         f"{val[0]:.3f} -> {val[-1]:.3f}{extra}",
         "read the validation trajectories where reward and strict score disagree (MLflow traces "
         "*_disagreement) and tighten the reward parser until it agrees with the evaluation",
-        "val/reward_strict_disagreements falls and val/task_success_rate follows the reward")
+        "val/reward_strict_disagreements falls and val/greedy/strict_success follows the reward")
 
 
 def reward_collapse(h: History) -> Finding | None:
@@ -162,8 +162,8 @@ def low_completion(h: History) -> Finding | None:
 
 
 def low_correctness(h: History) -> Finding | None:
-    _, c = _series(h, "val/completion_rate")
-    _, s = _series(h, "val/task_success_rate")
+    _, c = _series(h, "val/greedy/completion_rate")
+    _, s = _series(h, "val/greedy/strict_success")
     if len(c) < 2 or len(s) < 2 or c[-1] < 0.9:
         return None
     if s[-1] >= 0.2 or s[-1] - s[0] > 0.05:
@@ -174,7 +174,7 @@ def low_correctness(h: History) -> Finding | None:
         f"{s[-1]:.3f}): a correctness problem, not a format or budget one",
         "check that the base model has a foothold (any strict successes: mtrl reward-audit), "
         "then a denser reward, an easier curriculum or a larger model",
-        "val/task_success_rate and val/field_acc rise")
+        "val/greedy/strict_success and val/greedy/field_acc rise")
 
 
 def slow_stall(h: History) -> Finding | None:
@@ -214,29 +214,8 @@ def diagnose(history: History) -> list[Finding]:
 
 
 def load_history(run: str, tracking_uri: str | None = None) -> tuple[History, str]:
-    """A run's metric history from MLflow: ``run`` is a run folder (its ``mlflow.db``; the
-    newest run in it) or a run id (``tracking_uri`` or ``$MLFLOW_TRACKING_URI``).
-    Returns ``(history, run_id)``."""
-    from mlflow.tracking import MlflowClient
+    """A run's metric history: ``run`` is a run folder (its ``mlflow.db``; the newest run in it)
+    or a run id (``tracking_uri`` or ``$MLFLOW_TRACKING_URI``). Returns ``(history, run_id)``."""
+    from mtrl_jax.tracking.mlflow import read_run_history
 
-    run_id = run
-    if os.path.isdir(run):
-        db = os.path.join(run, "mlflow.db")
-        if tracking_uri is None:
-            if not os.path.exists(db):
-                raise FileNotFoundError(f"{run} holds no mlflow.db (pass --tracking-uri and a "
-                                        "run id for another store)")
-            tracking_uri = f"sqlite:///{os.path.abspath(db)}"
-        client = MlflowClient(tracking_uri)
-        runs = [r for e in client.search_experiments()
-                for r in client.search_runs([e.experiment_id], order_by=["start_time DESC"],
-                                            max_results=1)]
-        if not runs:
-            raise FileNotFoundError(f"no MLflow run in {tracking_uri}")
-        run_id = max(runs, key=lambda r: r.info.start_time).info.run_id
-    else:
-        client = MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    keys = client.get_run(run_id).data.metrics.keys()
-    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
-               for k in keys}
-    return history, run_id
+    return read_run_history(run, tracking_uri)

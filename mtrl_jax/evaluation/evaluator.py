@@ -1,20 +1,18 @@
 """The external evaluation: a fixed held-out split, the strict scorer, pass@k, base vs fine-tuned.
 
-RL optimises the reward literally; this is the measure to believe. For each model it replays the
-agent over the split (one greedy episode per task, ``samples_per_task`` sampled ones, the same
-keys for every model, so the numbers are reproducible and base and fine-tuned see identical
-tasks and seeds) and reports::
-
-    reward/mean, task_success (strict, greedy), pass_k_{k} (unbiased, strict; k = 1 .. n),
-    reward_pass_k_{k} (reward >= success_threshold), field_acc and field/<name>,
-    completion_rate, max_turns_frac (turn budget exhausted), truncated_frac (turns that hit the
-    per-turn token budget), tool_calls/<name> (per episode), tool_error_rate,
-    format_compliance (episodes without a malformed tool call), turns/mean, tokens/mean
+RL optimises the reward literally; this is the measure to believe. For each model it plays the
+split with :func:`~mtrl_jax.evaluation.metrics.play_task_set` (one greedy episode per task,
+``samples_per_task`` sampled ones, keys from the seed only, so base and fine-tuned see identical
+tasks and seeds, and the trainer's validation of the same weights gives the same figures) and
+reports :func:`~mtrl_jax.evaluation.metrics.play_metrics`: ``greedy/strict_success``,
+``sampled/strict_success``, ``strict_pass_k_{k}``, ``reward_pass_k_{k}``, and per set the
+reward, field accuracy, completion, turn and token budgets, tool use and format compliance (the
+definitions are in :mod:`mtrl_jax.evaluation.metrics`).
 
 With ``evaluate_base_model=True`` the base (adapters off) is scored too, and each headline
 metric gets a ``diff`` with a 95% bootstrap confidence interval over tasks. Results go to
-``<output_dir>/eval_results.json`` and to MLflow (metrics, and trajectories whose reward and
-strict score disagree as traces).
+``<output_dir>/eval_results.json`` and to the tracker (metrics, and trajectories whose reward
+and strict score disagree as traces).
 """
 
 from __future__ import annotations
@@ -23,19 +21,25 @@ import dataclasses
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from mtrl_jax.envs.base import Environment, Task
 from mtrl_jax.envs.families import load_tasks
-from mtrl_jax.kernels import pass_at_k
-from mtrl_jax.rollout.trajectory import Trajectory
+from mtrl_jax.evaluation.metrics import (
+    Play,
+    disagrees,
+    per_task_scores,
+    play_metrics,
+    play_task_set,
+)
 
-__all__ = ["MultiTurnRLEvaluator", "bootstrap_diff", "episode_metrics"]
+__all__ = ["HEADLINE", "MultiTurnRLEvaluator", "bootstrap_diff"]
+
+#: the metrics compared base vs fine-tuned, paired per task
+HEADLINE = ("greedy/strict_success", "sampled/strict_success", "greedy/reward/mean")
 
 
 def bootstrap_diff(a: np.ndarray, b: np.ndarray, *, n: int = 1000, seed: int = 0,
@@ -51,45 +55,6 @@ def bootstrap_diff(a: np.ndarray, b: np.ndarray, *, n: int = 1000, seed: int = 0
     means = d[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(d.mean()), float(lo), float(hi)
-
-
-def episode_metrics(greedy: list[Trajectory], sampled: list[Trajectory], n_tasks: int,
-                    success_threshold: float) -> dict[str, float]:
-    """The evaluation's metrics of one model (see the module docstring)."""
-    m: dict[str, float] = {}
-    eps = greedy + sampled
-    strict_g = np.array([t.strict_score or 0.0 for t in greedy])
-    m["reward/mean"] = float(np.mean([t.reward for t in greedy]))
-    m["task_success"] = float(strict_g.mean())
-    if sampled:
-        n = len(sampled) // n_tasks
-        ok = np.array([t.strict_score or 0.0 for t in sampled]).reshape(n_tasks, n) >= 1.0
-        rok = np.array([t.reward >= success_threshold for t in sampled]).reshape(n_tasks, n)
-        for k in sorted({1, n} | {k for k in (2, 4, 8, 16) if k <= n}):
-            m[f"pass_k_{k}"] = float(np.mean([pass_at_k(n, int(r.sum()), k) for r in ok]))
-            m[f"reward_pass_k_{k}"] = float(np.mean([pass_at_k(n, int(r.sum()), k)
-                                                     for r in rok]))
-        m["sampled_reward/mean"] = float(np.mean([t.reward for t in sampled]))
-    accs = [t.reward_metrics["field_acc"] for t in greedy if "field_acc" in t.reward_metrics]
-    if accs:
-        m["field_acc"] = float(np.mean(accs))
-    for f in sorted({k for t in greedy for k in t.reward_metrics if k.startswith("field/")}):
-        m[f] = float(np.mean([t.reward_metrics.get(f, 0.0) for t in greedy]))
-    turns = sum(t.num_turns for t in eps)
-    calls = [c for t in eps for c in t.tool_calls]
-    m["completion_rate"] = float(np.mean([t.finish_reason == "answered" for t in eps]))
-    m["max_turns_frac"] = float(np.mean([t.finish_reason == "max_turns" for t in eps]))
-    m["truncated_frac"] = sum(t.truncated_turns for t in eps) / max(1, turns)
-    m["error_frac"] = float(np.mean([t.finish_reason == "error" for t in eps]))
-    for name, count in sorted(Counter(c.name for c in calls).items()):
-        m[f"tool_calls/{name}"] = count / len(eps)
-    m["tool_calls/mean"] = len(calls) / len(eps)
-    m["tool_error_rate"] = sum(c.error is not None for c in calls) / max(1, len(calls))
-    m["format_compliance"] = float(np.mean([t.format_errors == 0 for t in eps]))
-    m["turns/mean"] = turns / len(eps)
-    m["tokens/mean"] = float(np.mean([t.num_sampled_tokens for t in eps]))
-    m["tokens/context_mean"] = float(np.mean([sum(len(s) for s in t.samples) for t in eps]))
-    return m
 
 
 class MultiTurnRLEvaluator:
@@ -128,8 +93,8 @@ class MultiTurnRLEvaluator:
                  reference_endpoint: str | None = None, reference_model: str = "reference",
                  reference_api_key: str | None = None, reference_concurrency: int = 8,
                  verbose: bool = True):
+        from mtrl_jax.config import load_config
         from mtrl_jax.models.checkpoint import peft_lora_config
-        from mtrl_jax.training.config import load_config
 
         ov: dict[str, Any] = {}
         if isinstance(overrides, dict):
@@ -177,25 +142,15 @@ class MultiTurnRLEvaluator:
                                               reference_api_key)
         self.reference_concurrency = reference_concurrency
 
-    def _play(self, runner, key) -> tuple[list[Trajectory], list[Trajectory]]:
-        v = self.config.val_sampling_params
-        saved = runner.sampler.params
-        try:
-            runner.sampler.params = dataclasses.replace(
-                runner.sampling, temperature=0.0, max_tokens=v.sampling_max_tokens)
-            greedy = runner.run_episodes(self.tasks, 1, key, loop=runner.val_loop, tag="evalg")
-            sampled = []
-            if v.num_samples > 0:
-                runner.sampler.params = dataclasses.replace(
-                    runner.sampling, temperature=v.temperature, max_tokens=v.sampling_max_tokens)
-                sampled = runner.run_episodes(self.tasks, v.num_samples,
-                                              jax.random.fold_in(key, 1),
-                                              loop=runner.val_loop, tag="evals")
-        finally:
-            runner.sampler.params = saved
-        return greedy, sampled
+    def _play(self, runner, name: str) -> Play:
+        c = self.config
+        v = c.val_sampling_params
+        say = (lambda line: print(f"[mtrl] {line}", flush=True)) if self.verbose else None
+        return play_task_set(runner, self.tasks, seed=c.seed, num_samples=v.num_samples,
+                             temperature=v.temperature, max_tokens=v.sampling_max_tokens,
+                             tag=f"eval {name}", progress=say)
 
-    def _play_reference(self, runner) -> tuple[list[Trajectory], list[Trajectory]]:
+    def _play_reference(self, runner) -> Play:
         import asyncio
 
         from mtrl_jax.evaluation.openai_compat import run_reference_episode
@@ -217,27 +172,28 @@ class MultiTurnRLEvaluator:
                 for k in range(v.num_samples)))
             return list(greedy), list(sampled)
 
-        return asyncio.run(go())
+        t0 = time.perf_counter()
+        greedy, sampled = asyncio.run(go())  # strict scores filled in by the episodes
+        return Play(self.tasks, greedy, sampled, v.num_samples, time.perf_counter() - t0)
 
     def evaluate(self) -> dict[str, Any]:
         """Play and score every model; returns (and writes) the results."""
         from mtrl_jax.models.checkpoint import load_peft_adapter
         from mtrl_jax.rollout.runner import RolloutRunner, build_policy
-        from mtrl_jax.training.tracking import Tracker, default_tracking_uri
+        from mtrl_jax.tracking import make_tracker
 
         c = self.config
         t0 = time.perf_counter()
         tokenizer, model = build_policy(c)  # fresh adapters, B = 0: the base model
         runner = RolloutRunner(c, tokenizer, model, self.make_env)
-        key = jax.random.key(c.seed)
         thr = c.val_sampling_params.success_threshold
-        plays: dict[str, tuple[list[Trajectory], list[Trajectory]]] = {}
+        plays: dict[str, Play] = {}
         try:
             if self.adapter is None or self.evaluate_base_model:
-                plays["base"] = self._play(runner, key)
+                plays["base"] = self._play(runner, "base")
             if self.adapter is not None:
                 load_peft_adapter(model, self.adapter)
-                plays["finetuned"] = self._play(runner, key)
+                plays["finetuned"] = self._play(runner, "finetuned")
             if self.reference is not None:
                 plays["reference"] = self._play_reference(runner)
         finally:
@@ -247,12 +203,11 @@ class MultiTurnRLEvaluator:
             "split": self.split, "n_tasks": len(self.tasks), "seed": c.seed,
             "model": c.model.path, "adapter": self.adapter, "task": c.data.task,
             "samples_per_task": c.val_sampling_params.num_samples, "success_threshold": thr,
-            "models": {}, "per_task": {}}
-        results["episodes"], results["disagreements"] = {}, {}
-        for name, (greedy, sampled) in plays.items():
-            results["models"][name] = episode_metrics(greedy, sampled, len(self.tasks), thr)
-            results["per_task"][name] = self._per_task(greedy, sampled)
-            eps = greedy + sampled
+            "models": {}, "per_task": {}, "episodes": {}, "disagreements": {}}
+        for name, play in plays.items():
+            results["models"][name] = play_metrics(play, thr)
+            results["per_task"][name] = per_task_scores(play)
+            eps = play.episodes
             results["episodes"][name] = {
                 "turns": [t.num_turns for t in eps],
                 "sampled_tokens": [t.num_sampled_tokens for t in eps],
@@ -264,22 +219,24 @@ class MultiTurnRLEvaluator:
                  "strict": t.strict_score, "final_text": (t.final_text or "")[:400],
                  "last_messages": [{"role": m["role"], "content": str(m["content"])[:300]}
                                    for m in t.messages[-3:]]}
-                for t in eps if t.strict_score is not None
-                and (t.reward >= thr) != (t.strict_score >= 1.0)
+                for t in eps if disagrees(t, thr)
             ][:c.val_sampling_params.max_disagreement_traces]
         if "base" in plays and "finetuned" in plays:
             diffs = {}
-            for metric in ("task_success", "pass_k_1", "reward"):
-                a = results["per_task"]["base"][metric]
-                b = results["per_task"]["finetuned"][metric]
+            for metric in HEADLINE:
+                a = results["per_task"]["base"].get(metric)
+                b = results["per_task"]["finetuned"].get(metric)
+                if not a or not b:
+                    continue
                 diff, lo, hi = bootstrap_diff(np.array(a), np.array(b), n=self.bootstrap,
                                               seed=c.seed)
                 diffs[metric] = {"diff": diff, "ci95": [lo, hi]}
             results["diff"] = diffs
         results["seconds"] = time.perf_counter() - t0
         os.makedirs(c.output_dir, exist_ok=True)
-        tracker = Tracker(self.tracking_uri or default_tracking_uri(c.output_dir),
-                          c.experiment_name, run_name=f"eval-{self.split}")
+        tracker = make_tracker(c.tracker, output_dir=c.output_dir,
+                               experiment_name=c.experiment_name, run_name=f"eval-{self.split}",
+                               tracking_uri=self.tracking_uri)
         try:
             tracker.log_params({"model": c.model.path, "adapter": self.adapter,
                                 "task": c.data.task, "split": self.split,
@@ -292,52 +249,42 @@ class MultiTurnRLEvaluator:
                 flat[f"eval/diff/{metric}_ci_high"] = d["ci95"][1]
             tracker.log_metrics(flat, 0)
             v = c.val_sampling_params
-            for name, (greedy, sampled) in plays.items():
-                bad = [t for t in greedy + sampled if t.strict_score is not None
-                       and (t.reward >= thr) != (t.strict_score >= 1.0)]
+            for name, play in plays.items():
+                bad = [t for t in play.episodes if disagrees(t, thr)]
                 for t in bad[:v.max_disagreement_traces]:
                     tracker.log_trajectory(t, step=0, kind=f"eval_{name}_disagreement")
             results["mlflow"] = tracker.url()
         finally:
             tracker.end("FINISHED")
         path = os.path.join(c.output_dir, "eval_results.json")
-        with open(path, "w") as f:  # after MLflow: the file names the run it logged
+        with open(path, "w") as f:  # after tracking: the file names the run it logged
             json.dump(results, f, indent=1)
         self.results_path = path
         if self.verbose:
             print(format_results(results), flush=True)
         return results
 
-    def _per_task(self, greedy, sampled) -> dict[str, list[float]]:
-        n_tasks = len(self.tasks)
-        out = {"task_success": [t.strict_score or 0.0 for t in greedy],
-               "reward": [t.reward for t in greedy]}
-        if sampled:
-            ok = np.array([t.strict_score or 0.0 for t in sampled]).reshape(n_tasks, -1)
-            out["pass_k_1"] = [float(r.mean()) for r in ok]
-        else:
-            out["pass_k_1"] = out["task_success"]
-        return out
-
 
 def format_results(results: dict[str, Any]) -> str:
     """A side-by-side text table of an evaluation's headline metrics."""
     models = list(results["models"])
-    keys = ["task_success", "pass_k_1"] + sorted(
-        k for k in results["models"][models[0]] if k.startswith("pass_k_") and k != "pass_k_1")
-    keys += ["reward/mean", "field_acc", "completion_rate", "max_turns_frac", "truncated_frac",
-             "error_frac",
-             "tool_error_rate", "format_compliance", "turns/mean", "tokens/mean"]
+    passk = sorted((k for k in results["models"][models[0]] if k.startswith("strict_pass_k_")),
+                   key=lambda k: int(k.rsplit("_", 1)[1]))
+    keys = ["greedy/strict_success", "sampled/strict_success", *passk]
+    keys += [f"greedy/{k}" for k in ("reward/mean", "field_acc", "completion_rate",
+                                     "max_turns_frac", "truncated_frac", "error_frac",
+                                     "tool_error_rate", "format_compliance", "turns/mean",
+                                     "tokens/response_mean")]
     lines = [f"{results['task']} ({results['split']}, {results['n_tasks']} tasks, "
              f"{results['samples_per_task']} samples each, seed {results['seed']})",
-             f"{'metric':<22}" + "".join(f"{m:>12}" for m in models)]
+             f"{'metric':<30}" + "".join(f"{m:>12}" for m in models)]
     for k in keys:
         vals = [results["models"][m].get(k) for m in models]
         if all(v is None for v in vals):
             continue
-        lines.append(f"{k:<22}" + "".join(f"{v:>12.3f}" if v is not None else f"{'-':>12}"
+        lines.append(f"{k:<30}" + "".join(f"{v:>12.3f}" if v is not None else f"{'-':>12}"
                                           for v in vals))
     for metric, d in results.get("diff", {}).items():
-        lines.append(f"diff {metric:<17} {d['diff']:+.3f} (95% CI {d['ci95'][0]:+.3f} .. "
+        lines.append(f"diff {metric:<25} {d['diff']:+.3f} (95% CI {d['ci95'][0]:+.3f} .. "
                      f"{d['ci95'][1]:+.3f}, bootstrap over tasks)")
     return "\n".join(lines)

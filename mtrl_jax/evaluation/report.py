@@ -35,9 +35,9 @@ def _curves(h: History, path: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(s, r, label="training reward (rollout/reward/mean)", color="tab:blue")
-    for name, style, label in (("val/reward/mean", "--", "validation reward"),
-                               ("val/task_success_rate", "-", "validation strict success"),
-                               ("rollout/task_success_rate", ":", "training strict success")):
+    for name, style, label in (("val/greedy/reward/mean", "--", "validation reward"),
+                               ("val/greedy/strict_success", "-", "validation strict success"),
+                               ("rollout/strict_success", ":", "training strict success")):
         vs, vv = _series(h, name)
         if len(vv):
             ax.plot(vs, vv, style, marker="o" if len(vv) < 30 else None, label=label)
@@ -53,8 +53,8 @@ def _curves(h: History, path: str) -> bool:
 
 def _completion(h: History, path: str) -> bool:
     plt = _plt()
-    s, c = _series(h, "val/completion_rate")
-    s2, ok = _series(h, "val/task_success_rate")
+    s, c = _series(h, "val/greedy/completion_rate")
+    s2, ok = _series(h, "val/greedy/strict_success")
     if not len(c) or not len(ok) or len(s) != len(s2):
         return False
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -78,7 +78,7 @@ def _completion(h: History, path: str) -> bool:
 def _fields(ev: dict[str, Any], path: str) -> bool:
     plt = _plt()
     models = list(ev.get("models", {}))
-    fields = sorted({k for m in models for k in ev["models"][m] if k.startswith("field/")})
+    fields = sorted({k for m in models for k in ev["models"][m] if k.startswith("greedy/field/")})
     if not models or not fields:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -86,7 +86,7 @@ def _fields(ev: dict[str, Any], path: str) -> bool:
     w = 0.8 / len(models)
     for i, m in enumerate(models):
         ax.bar(x + i * w, [ev["models"][m].get(f, 0.0) for f in fields], w, label=m)
-    ax.set_xticks(x + w * (len(models) - 1) / 2, [f.split("/", 1)[1] for f in fields])
+    ax.set_xticks(x + w * (len(models) - 1) / 2, [f.split("/", 2)[2] for f in fields])
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (greedy)")
     ax.legend(fontsize=8)
@@ -161,8 +161,9 @@ def build_report(run: str, *, eval_path: str | None = None, out_dir: str | None 
             parts.append(f"<p class='missing'>{hint}</p>")
     if ev is not None:
         models = list(ev["models"])
-        rows = ["task_success", "pass_k_1", "reward/mean", "field_acc", "completion_rate",
-                "max_turns_frac", "truncated_frac", "format_compliance"]
+        rows = ["greedy/strict_success", "sampled/strict_success", "strict_pass_k_1",
+                "greedy/reward/mean", "greedy/field_acc", "greedy/completion_rate",
+                "greedy/max_turns_frac", "greedy/truncated_frac", "greedy/format_compliance"]
         parts.append("<h2>External evaluation</h2><table><tr><th>metric</th>" +
                      "".join(f"<th>{e(m)}</th>" for m in models) + "</tr>")
         for r in rows:

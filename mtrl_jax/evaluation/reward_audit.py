@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mtrl_jax.evaluation.metrics import disagrees, is_strict_success, play_task_set
 from mtrl_jax.rollout.trajectory import Trajectory
 
 
@@ -58,10 +59,9 @@ def audit_trajectories(trajs: list[Trajectory], group_size: int,
     if not trajs or len(trajs) % group_size:
         raise ValueError(f"{len(trajs)} episodes do not form groups of {group_size}")
     rewards = np.array([t.reward for t in trajs], np.float64)
-    strict = np.array([t.strict_score >= 1.0 for t in trajs])
-    credited = rewards >= threshold
-    lenient = [t for t, c, s in zip(trajs, credited, strict, strict=True) if c and not s]
-    strict_only = [t for t, c, s in zip(trajs, credited, strict, strict=True) if s and not c]
+    strict = np.array([is_strict_success(t) for t in trajs])
+    lenient = [t for t in trajs if disagrees(t, threshold) and not is_strict_success(t)]
+    strict_only = [t for t in trajs if disagrees(t, threshold) and is_strict_success(t)]
     groups = rewards.reshape(-1, group_size)
     equal = float(np.mean([np.ptp(g) == 0 for g in groups]))
     per_task = strict.reshape(-1, group_size).any(axis=1)
@@ -83,7 +83,7 @@ def audit_trajectories(trajs: list[Trajectory], group_size: int,
     mean_or_nan = (lambda x: float(x.mean()) if len(x) else float("nan"))
     return AuditReport(
         episodes=len(trajs), groups=len(groups), threshold=threshold,
-        agreement=float(np.mean(credited == strict)), lenient=len(lenient),
+        agreement=1.0 - (len(lenient) + len(strict_only)) / len(trajs), lenient=len(lenient),
         strict_only=len(strict_only), equal_groups=equal, strict_successes=int(strict.sum()),
         tasks_with_success=float(per_task.mean()),
         reward_success_mean=mean_or_nan(rewards[strict]),
@@ -96,13 +96,13 @@ def audit_trajectories(trajs: list[Trajectory], group_size: int,
 def reward_audit(recipe=None, overrides=None, *, n_tasks: int = 32, tasks=None, make_env=None,
                  adapter: str | None = None) -> AuditReport:
     """Play the base policy (or ``adapter``) on ``n_tasks`` training tasks, ``group_size``
-    episodes each at the recipe's sampling, and audit the reward against the strict scorer."""
-    import jax
-
+    sampled episodes each at the training rollouts' temperature and budget
+    (:func:`~mtrl_jax.evaluation.metrics.play_task_set`), and audit the reward against the
+    strict scorer."""
+    from mtrl_jax.config import load_config
     from mtrl_jax.envs.families import load_tasks
     from mtrl_jax.models.checkpoint import load_peft_adapter
     from mtrl_jax.rollout.runner import RolloutRunner, build_policy
-    from mtrl_jax.training.config import load_config
 
     c = load_config(recipe, overrides)
     d = c.data
@@ -116,11 +116,13 @@ def reward_audit(recipe=None, overrides=None, *, n_tasks: int = 32, tasks=None, 
         load_peft_adapter(model, adapter)
     runner = RolloutRunner(c, tokenizer, model, make_env)
     try:
-        trajs = runner.run_episodes(tasks, c.rollout.group_size,
-                                    jax.random.key(c.seed + 104729), tag="audit")
+        play = play_task_set(runner, tasks, seed=c.seed, greedy=False,
+                             num_samples=c.rollout.group_size,
+                             temperature=c.rollout.temperature,
+                             max_tokens=c.rollout.sampling_max_tokens, tag="audit")
     finally:
         runner.close()
-    return audit_trajectories(trajs, c.rollout.group_size,
+    return audit_trajectories(play.sampled, c.rollout.group_size,
                               c.val_sampling_params.success_threshold)
 
 

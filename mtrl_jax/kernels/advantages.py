@@ -431,12 +431,22 @@ class AdvantageEstimator:
       params_cls: the frozen dataclass of its hyper-parameters.
       level: ``"sequence"`` (output ``[G, n]``) or ``"turn"`` (output ``[G, n, T]``).
       needs_lengths: whether ``lengths`` must be passed.
+      extra_inputs: names of further inputs it reads (a caller that cannot feed them refuses
+        the estimator up front; see :attr:`inputs`).
     """
 
     fn: Callable[..., Array]
     params_cls: type
     level: Literal["sequence", "turn"] = "sequence"
     needs_lengths: bool = False
+    extra_inputs: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """What the estimator reads: ``rewards`` ``[G, n]`` or ``turn_rewards`` ``[G, n, T]``,
+        ``lengths`` when it needs them, and any ``extra_inputs``."""
+        base = ("turn_rewards",) if self.level == "turn" else ("rewards",)
+        return base + (("lengths",) if self.needs_lengths else ()) + self.extra_inputs
 
 
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage_method")

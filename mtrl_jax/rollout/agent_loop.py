@@ -101,10 +101,15 @@ class AgentLoop:
     # ------------------------------------------------------------------ one episode
 
     async def run(self, env: Environment, task: Task, *, episode_id: str | None = None,
-                  group_id: str | None = None) -> Trajectory:
+                  group_id: str | None = None, sampling: Any | None = None) -> Trajectory:
         """Run one episode to its end; never raises for model or tool errors (the trajectory's
         ``finish_reason`` is ``"error"`` and ``error`` holds the traceback for environment or
-        sampler failures). Cancellation propagates after teardown."""
+        sampler failures). Cancellation propagates after teardown.
+
+        ``sampling``: the episode's sampling parameters
+        (:class:`~mtrl_jax.models.decoding.SamplingParams`), passed to the sampler on every
+        turn; its ``max_tokens`` is the per-turn budget. None: the sampler's default parameters
+        and ``config.sampling_max_tokens``."""
         episode_id = episode_id or uuid.uuid4().hex
         t_start = time.perf_counter()
         timings = {"sample_s": 0.0, "tools_s": 0.0}
@@ -125,14 +130,15 @@ class AgentLoop:
             sample, text = self._new_sample(messages, tool_schemas, turn=0)
             samples.append(sample)
             finish = "max_turns"
+            turn_cap = self.config.sampling_max_tokens if sampling is None else \
+                sampling.max_tokens
             for turn in range(self.config.max_turns):
-                budget = min(self.config.sampling_max_tokens,
-                             self.config.max_context_tokens - len(sample))
+                budget = min(turn_cap, self.config.max_context_tokens - len(sample))
                 if budget <= 0:
                     finish = "truncated"
                     break
                 t0 = time.perf_counter()
-                res = await self.sampler.sample(episode_id, sample.tokens, budget)
+                res = await self.sampler.sample(episode_id, sample.tokens, budget, sampling)
                 timings["sample_s"] += time.perf_counter() - t0
                 sample.add_sampled(res.tokens, res.logprobs, turn, res.policy_version)
                 turns = turn + 1
@@ -144,7 +150,7 @@ class AgentLoop:
                 messages.append({"role": "assistant", "content": raw})
                 if res.finish_reason != "stop":
                     # counts turns cut by sampling_max_tokens, not by the context limit
-                    if budget == self.config.sampling_max_tokens:
+                    if budget == turn_cap:
                         counters["truncated_turns"] += 1
                     finish = "truncated"
                     break

@@ -42,6 +42,7 @@ class _Request:
     slot: int
     new_tokens: list[int]
     max_tokens: int
+    params: SamplingParams
     future: asyncio.Future
 
 
@@ -109,8 +110,11 @@ class JaxSampler:
         self._round = None
         self._round_done = set()
 
-    async def sample(self, episode_id: str, tokens: Sequence[int],
-                     max_tokens: int) -> SampleResult:
+    async def sample(self, episode_id: str, tokens: Sequence[int], max_tokens: int,
+                     params: SamplingParams | None = None) -> SampleResult:
+        """Continue the episode by at most ``max_tokens`` tokens sampled with ``params``
+        (default: the sampler's). Requests with different parameters are served by different
+        decode calls."""
         self._ensure_worker()
         slot = await self._acquire(episode_id)
         held = self.fed[slot]
@@ -128,7 +132,8 @@ class JaxSampler:
         if room <= 0:
             return SampleResult([], [], "length", self.policy_version)
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append(_Request(slot, new, min(max_tokens, room), fut))
+        self.pending.append(_Request(slot, new, min(max_tokens, room), params or self.params,
+                                     fut))
         self._wake.set()
         return await fut
 
@@ -197,9 +202,15 @@ class JaxSampler:
             if self._round is not None and \
                     len(self.pending) < self._round - len(self._round_done):
                 continue  # lockstep: wait for every running episode of the round
-            batch, self.pending = self.pending, []
-            if not batch:
+            if not self.pending:
                 continue
+            # one decode call samples with one set of parameters: serve the oldest request's
+            # and leave the others for the next call
+            params = self.pending[0].params
+            batch = [r for r in self.pending if r.params == params]
+            self.pending = [r for r in self.pending if r.params != params]
+            if self.pending:
+                self._wake.set()
             try:
                 results = await asyncio.to_thread(self._decode, batch)
             except Exception as e:
@@ -230,7 +241,7 @@ class JaxSampler:
         key = jax.random.fold_in(self.key, self.calls)
         self.calls += 1
         out = generate(self.model, self.cache, jnp.asarray(inputs), jnp.asarray(num_inputs), key,
-                       self.params, max_new=jnp.asarray(max_new), max_new_tokens=steps)
+                       batch[0].params, max_new=jnp.asarray(max_new), max_new_tokens=steps)
         self.cache = out.cache
         toks = np.asarray(out.tokens)
         lps = np.asarray(out.logprobs)

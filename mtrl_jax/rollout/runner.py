@@ -85,10 +85,15 @@ class _ToolLatency(Environment):
 
 
 class RolloutRunner:
-    """Args:
-      config: the run's :class:`~mtrl_jax.training.config.TrainConfig`.
-      tokenizer, model: the policy (the sampler decodes with ``model``'s current LoRA weights).
-      make_env: ``make_env(task) -> Environment`` (default: the task family's).
+    """Plays episodes of one policy: the sampler (holding the policy's weights), one agent loop,
+    and an environment per episode.
+
+    Args:
+      config: the run's :class:`~mtrl_jax.config.TrainConfig`.
+      tokenizer, model: the policy; the sampler decodes with ``model`` and :meth:`load_weights`
+        replaces its LoRA weights.
+      make_env: ``make_env(task) -> Environment`` (default: the task family's, with the
+        recipe's ``data.reward`` kind).
     """
 
     def __init__(self, config, tokenizer, model, make_env: Callable[[Task], Environment] | None
@@ -96,34 +101,48 @@ class RolloutRunner:
         self.config = config
         r = config.rollout
         self.tokenizer = tokenizer
-        self.make_env = make_env or family_env
-        stop = tokenizer.eos_token_id
-        self.sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                       max_tokens=r.sampling_max_tokens, stop_token_ids=(stop,))
+        self.make_env = make_env
+        self.stop_token_ids = (tokenizer.eos_token_id,)
+        #: sampling of training rollouts; evaluation passes its own (:meth:`sampling`)
+        self.train_sampling = self.sampling(r.temperature, r.sampling_max_tokens)
         self.slots = r.batch_size * r.group_size
-        self.sampler = JaxSampler(model, self.sampling, slots=self.slots,
+        self.sampler = JaxSampler(model, self.train_sampling, slots=self.slots,
                                   max_len=r.max_context_tokens, seed=config.seed)
         self.loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig(
             max_turns=r.max_turns, sampling_max_tokens=r.sampling_max_tokens,
             max_context_tokens=r.max_context_tokens))
-        v = config.val_sampling_params
-        self.val_loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig(
-            max_turns=r.max_turns, sampling_max_tokens=v.sampling_max_tokens,
-            max_context_tokens=r.max_context_tokens))
         self._aloop = asyncio.new_event_loop()
 
+    def sampling(self, temperature: float, max_tokens: int) -> SamplingParams:
+        """The recipe's sampling (top-p, top-k, stop token) at ``temperature``, with a per-turn
+        budget of ``max_tokens``."""
+        r = self.config.rollout
+        return SamplingParams(temperature=temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_tokens=max_tokens, stop_token_ids=self.stop_token_ids)
+
+    @property
+    def policy_version(self) -> int:
+        return self.sampler.policy_version
+
+    def load_weights(self, lora, version: int) -> None:
+        """The policy's LoRA weights (an ``nnx.State`` or pure dict) of ``version``."""
+        self.sampler.update_weights(lora, version)
+
     def env(self, task: Task) -> Environment:
-        env = self.make_env(task)
-        if hasattr(env, "reward_kind"):  # SOP environments: dense or strict reward
-            env.reward_kind = self.config.data.reward
+        if self.make_env is not None:
+            env = self.make_env(task)
+        else:
+            env = family_env(task, self.config.data.reward)
         latency = self.config.rollout.simulated_tool_latency_s
         return _ToolLatency(env, latency) if latency > 0 else env
 
     def run_episodes(self, tasks: Sequence[Task], n: int, key: jax.Array, *,
-                     loop: AgentLoop | None = None, tag: str = "ep") -> list[Trajectory]:
-        """``n`` episodes per task, in lockstep rounds of at most ``slots`` episodes;
-        trajectories in task-major order with ``strict_score`` filled in."""
-        loop = loop or self.loop
+                     sampling: SamplingParams | None = None, tag: str = "ep",
+                     progress: Callable[[int, int], None] | None = None) -> list[Trajectory]:
+        """``n`` episodes per task sampled with ``sampling`` (default: the training
+        rollouts'), in lockstep rounds of at most ``slots`` episodes; trajectories in task-major
+        order with ``strict_score`` filled in. ``progress(done, total)`` after each round."""
+        sampling = sampling or self.train_sampling
         jobs = [(t, k) for t in tasks for k in range(n)]
         out: list[Trajectory] = []
         for r0 in range(0, len(jobs), self.slots):
@@ -133,12 +152,15 @@ class RolloutRunner:
             try:
                 async def go(chunk=chunk, ids=ids):
                     return await asyncio.gather(*(
-                        loop.run(self.env(t), t, episode_id=e, group_id=t.id)
+                        self.loop.run(self.env(t), t, episode_id=e, group_id=t.id,
+                                      sampling=sampling)
                         for (t, _), e in zip(chunk, ids, strict=True)))
 
                 out += self._aloop.run_until_complete(go())
             finally:
                 self.sampler.end_round()
+            if progress is not None:
+                progress(len(out), len(jobs))
         for traj, (t, _) in zip(out, jobs, strict=True):
             if t.expected:
                 traj.strict_score = strict_score(traj.final_text, t.expected)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +25,11 @@ class SampleResult:
 
 
 class Sampler(Protocol):
-    async def sample(self, episode_id: str, tokens: Sequence[int],
-                     max_tokens: int) -> SampleResult: ...
+    async def sample(self, episode_id: str, tokens: Sequence[int], max_tokens: int,
+                     params: Any | None = None) -> SampleResult:
+        """``params``: the call's sampling parameters
+        (:class:`~mtrl_jax.models.decoding.SamplingParams`; None = the sampler's default)."""
+        ...
 
     def release(self, episode_id: str) -> None: ...
 
@@ -47,8 +50,8 @@ class ScriptedSampler:
         self.turns: dict[str, int] = {}
         self.seen: dict[str, list[int]] = {}
 
-    async def sample(self, episode_id: str, tokens: Sequence[int],
-                     max_tokens: int) -> SampleResult:
+    async def sample(self, episode_id: str, tokens: Sequence[int], max_tokens: int,
+                     params: Any | None = None) -> SampleResult:
         turn = self.turns.get(episode_id, 0)
         self.turns[episode_id] = turn + 1
         self.seen[episode_id] = list(tokens)

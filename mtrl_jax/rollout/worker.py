@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 
 from mtrl_jax.rollout.scheduler import Admitted, StalenessScheduler
+from mtrl_jax.rollout.sources import StepRollout
 
 __all__ = ["InProcessRolloutPool", "ProcessRolloutPool", "RolloutWorkerError", "start_version",
            "worker_main"]
@@ -188,7 +189,10 @@ def worker_main(spec: WorkerSpec, cmd_conn, out_conn) -> None:
     threading.Thread(target=heartbeat, daemon=True, name="mtrl-worker-heartbeat").start()
     try:
         t0 = time.perf_counter()
+        from mtrl_jax.envs.families import import_user_modules
         from mtrl_jax.rollout.runner import RolloutRunner, base_fingerprint, build_policy
+
+        import_user_modules(spec.config.data.imports)
 
         tokenizer, model = build_policy(spec.config)
         runner = RolloutRunner(spec.config, tokenizer, model, spec.make_env)
@@ -317,6 +321,8 @@ class ProcessRolloutPool:
               first_step: int, last_step: int, base_fingerprint: float | None = None) -> None:
         """Serve steps ``first_step .. last_step - 1`` (``tasks_for(step)`` -> the step's
         tasks) from policy ``version``; workers must hold the base with ``base_fingerprint``."""
+        if self.started:
+            return
         self.launch()
         with self._lock:
             self.started = True
@@ -343,6 +349,13 @@ class ProcessRolloutPool:
                 self._send_weights(w)
             self._dispatch()
 
+    def episodes(self, step: int) -> StepRollout:
+        """The admitted rollout of ``step`` (blocks until there is one)."""
+        r, m = self.get(step)
+        trajs, info = r.payload
+        return StepRollout(trajs, {**info, "worker": r.worker, "attempt": r.attempt}, m,
+                           float(info.get("seconds", 0.0)))
+
     def get(self, step: int, timeout_s: float | None = None) -> tuple[Admitted, dict]:
         """Block until the rollout of ``step`` is admitted; ``(admitted, metrics)``."""
         t0 = time.perf_counter()
@@ -361,8 +374,7 @@ class ProcessRolloutPool:
                  "async/requeued_steps": float(self.sched.requeued),
                  "async/dropped_results": float(self.sched.dropped),
                  "async/rejected_results": float(self.sched.rejected),
-                 "async/ready_ahead": float(len(self.sched.done)),
-                 "async/worker_rollout_s": float(r.payload[1].get("seconds", 0.0))}
+                 "async/ready_ahead": float(len(self.sched.done))}
         return r, m
 
     def close(self) -> None:
@@ -596,26 +608,33 @@ def kill_tagged_processes(token: str) -> list[int]:
 
 class InProcessRolloutPool:
     """The same schedule in the trainer's process, for debugging: a step's rollout is played
-    when it becomes admissible (with the trainer's current weights), so each step trains on data
-    exactly ``k`` versions old (fewer at the start)."""
+    when it becomes admissible (with the newest published weights), so each step trains on
+    data exactly ``k`` versions old (fewer at the start)."""
 
-    def __init__(self, config, tasks_for: Callable[[int], Sequence], runner, *,
-                 first_step: int, last_step: int):
-        self.runner = runner
-        self.tasks_for = tasks_for
-        self.sched = StalenessScheduler(config.async_config.max_steps_off_policy, first_step,
-                                        last_step)
-        self.sched.add_worker(0)
+    def __init__(self, config, runner):
+        self.config = config
+        self._runner = runner  # the RolloutRunner, or a function returning it
+        self.runner = None
+        self.tasks_for: Callable[[int], Sequence] | None = None
+        self.sched: StalenessScheduler | None = None
         self.restarts = 0
         self.started = False
 
-    def start(self, version: int, lora_state=None) -> None:
+    def start(self, version: int, lora_state, *, tasks_for: Callable[[int], Sequence],
+              first_step: int, last_step: int, base_fingerprint: float | None = None) -> None:
+        if self.started:
+            return
+        self.runner = self._runner() if callable(self._runner) else self._runner
+        self.tasks_for = tasks_for
+        self.sched = StalenessScheduler(self.config.async_config.max_steps_off_policy,
+                                        first_step, last_step)
+        self.sched.add_worker(0)
         self.started = True
         self.publish(version, lora_state)
 
-    def publish(self, version: int, lora_state=None) -> None:
+    def publish(self, version: int, lora_state) -> None:
         self.sched.publish(version)
-        self.runner.sampler.policy_version = version
+        self.runner.load_weights(lora_state, version)
         for a in self.sched.dispatch():
             t0 = time.perf_counter()
             trajs = self.runner.rollout_step(a.step, self.tasks_for(a.step))
@@ -624,13 +643,15 @@ class InProcessRolloutPool:
                     "seconds": time.perf_counter() - t0}
             self.sched.result(a.step, 0, a.attempt, info["start_version"], (trajs, info))
 
-    def get(self, step: int, timeout_s: float | None = None) -> tuple[Admitted, dict]:
+    def episodes(self, step: int) -> StepRollout:
         r = self.sched.take(step)
         if r is None:
             raise RuntimeError(f"in-process rollout for step {step} missing")
-        return r, {"async/wait_s": 0.0, "async/worker_restarts": 0.0,
-                   "async/ready_ahead": float(len(self.sched.done)),
-                   "async/worker_rollout_s": float(r.payload[1]["seconds"])}
+        trajs, info = r.payload
+        return StepRollout(trajs, {**info, "worker": 0, "attempt": r.attempt},
+                           {"async/wait_s": 0.0, "async/worker_restarts": 0.0,
+                            "async/ready_ahead": float(len(self.sched.done))},
+                           float(info["seconds"]))
 
     def close(self) -> None:
         pass

@@ -1,4 +1,4 @@
-"""MLflow tracking: metrics, the resolved config as params, trajectories as traces.
+"""The MLflow tracker: metrics, the resolved config as params, trajectories as traces.
 
 Default store: a sqlite database in the run folder (``sqlite:///<output_dir>/mlflow.db``), so no
 server is needed; ``MLFLOW_TRACKING_URI`` (or ``tracking_uri=``) points anywhere else, e.g. a
@@ -30,7 +30,7 @@ def default_tracking_uri(output_dir: str) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(output_dir, "mlflow.db"))
 
 
-class Tracker:
+class MLflowTracker:
     """One MLflow run. ``run_id`` resumes an existing run (checkpoint resume)."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, *, run_name: str | None = None,
@@ -82,12 +82,12 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
 
+    def metric_history(self, name: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, name)]
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
@@ -107,8 +107,7 @@ class Tracker:
 
     # ---------------------------------------------------------------- traces
 
-    def log_trajectory(self, traj: Trajectory, *, step: int, kind: str,
-                       tokenizer=None) -> str | None:
+    def log_trajectory(self, traj: Trajectory, *, step: int, kind: str) -> str | None:
         """Write ``traj`` as a trace; returns its trace id."""
         mlflow = self.mlflow
         t_end = time.time_ns()
@@ -153,3 +152,33 @@ class Tracker:
 def _param_str(v: Any) -> str:
     s = v if isinstance(v, str) else json.dumps(v)
     return s[:6000]
+
+
+def read_run_history(run: str, tracking_uri: str | None = None
+                     ) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    """Every metric's ``(step, value)`` history of an MLflow run: ``run`` is a run folder (its
+    ``mlflow.db``; the newest run in it) or a run id (``tracking_uri`` or
+    ``$MLFLOW_TRACKING_URI``). Returns ``(history, run_id)``."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = run
+    if os.path.isdir(run):
+        db = os.path.join(run, "mlflow.db")
+        if tracking_uri is None:
+            if not os.path.exists(db):
+                raise FileNotFoundError(f"{run} holds no mlflow.db (pass --tracking-uri and a "
+                                        "run id for another store)")
+            tracking_uri = f"sqlite:///{os.path.abspath(db)}"
+        client = MlflowClient(tracking_uri)
+        runs = [r for e in client.search_experiments()
+                for r in client.search_runs([e.experiment_id], order_by=["start_time DESC"],
+                                            max_results=1)]
+        if not runs:
+            raise FileNotFoundError(f"no MLflow run in {tracking_uri}")
+        run_id = max(runs, key=lambda r: r.info.start_time).info.run_id
+    else:
+        client = MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    keys = client.get_run(run_id).data.metrics.keys()
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
+               for k in keys}
+    return history, run_id

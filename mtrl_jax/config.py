@@ -7,6 +7,20 @@ dotted keys. A key that does not exist fails with its dotted path and the closes
 
     >>> load_config(overrides=["rollout.group_sise=4"])
     ConfigError: unknown key 'rollout.group_sise' -- did you mean 'rollout.group_size'?
+
+Kernels are chosen by name together with their parameters, which are the kernel registry's own
+frozen dataclasses (:data:`~mtrl_jax.kernels.ADVANTAGE_ESTIMATORS`,
+:data:`~mtrl_jax.kernels.POLICY_LOSSES`), built and validated here, when the recipe loads::
+
+    algorithm:
+      advantage: {name: grpo_passk, k: 4}
+      loss: {name: cispo, clip_high: 0.28}
+
+``algorithm.loss=cispo`` (a bare name) means ``{name: cispo}`` with CISPO's own defaults. A
+parameter belongs to the kernel named beside it: an override that changes the name
+(``algorithm.loss.name=cispo`` over a recipe's ``ppo`` block) starts from the new kernel's
+defaults instead of carrying the old kernel's settings over, and a parameter the named kernel
+does not take fails, naming the dotted key and the valid ones.
 """
 
 from __future__ import annotations
@@ -51,7 +65,10 @@ class LoRASection:
 class DataSection:
     """``task``: ``family:name`` (see :mod:`mtrl_jax.envs.families`). ``n_train`` / ``n_val``
     limit the splits (None = all). ``system_prompt``: ``task`` renders the task's system prompt
-    (the SOP); ``none`` drops it (for tiny models that learned the procedure in a warm-up)."""
+    (the SOP); ``none`` drops it (for tiny models that learned the procedure in a warm-up).
+    ``reward``: a reward kind the task family offers (SOP families: ``dense`` or ``strict``).
+    ``imports``: modules (dotted names or ``.py`` paths) imported before the task is looked up,
+    so a user's own task family registers itself (rollout workers import them too)."""
 
     task: str = "sop_synth:aircraft_inspection"
     train_split: str = "train"
@@ -62,7 +79,8 @@ class DataSection:
     n_test: int | None = 200
     data_seed: int = 0
     system_prompt: Literal["task", "none"] = "task"
-    reward: Literal["dense", "strict"] = "dense"
+    reward: str | None = None  # one of the family's reward kinds; None = the family's default
+    imports: tuple[str, ...] = ()  # modules (or .py files) that register user task families
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,19 +111,64 @@ class ValSamplingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """A kernel chosen by ``name`` with its ``params``: an instance of the registry entry's own
+    frozen parameter dataclass (e.g. :class:`~mtrl_jax.kernels.PPOParams`). In YAML it is one
+    mapping, ``{name: ppo, clip_high: 0.28}``, or a bare name."""
+
+    name: str
+    params: Any
+
+    def to_config(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.params)}
+
+
+def _choice_factory(kind: str, name: str):
+    def make() -> KernelChoice:
+        return KernelChoice(name, _registry(kind).get(name).params_cls())
+
+    return make
+
+
+def _registry(kind: str):
+    from mtrl_jax.kernels import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+    return {"advantage": ADVANTAGE_ESTIMATORS, "loss": POLICY_LOSSES}[kind]
+
+
+@dataclasses.dataclass(frozen=True)
 class AlgorithmSection:
-    advantage_method: str = "group_based"
-    normalize_by_std: bool = True
-    policy_loss: str = "ppo"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    """The estimator and the loss with their own parameters (see the module docstring), and what
+    every loss shares: the aggregation (``norm_length`` is the constant of
+    ``seq_mean_token_sum_norm``), the KL penalty against the base (adapters off), the entropy
+    bonus and truncated importance sampling of the sampler/trainer mismatch (``tis_mode: auto``
+    = ``truncate`` when ``async_config.max_steps_off_policy > 0``, else ``none``)."""
+
+    advantage: KernelChoice = dataclasses.field(
+        default_factory=_choice_factory("advantage", "group_based"),
+        metadata={"registry": "advantage"})
+    loss: KernelChoice = dataclasses.field(
+        default_factory=_choice_factory("loss", "ppo"), metadata={"registry": "loss"})
     aggregation: str = "token_mean"
+    norm_length: int | None = None
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
-    # auto: truncate when async_config.max_steps_off_policy > 0, else none
     tis_mode: Literal["auto", "none", "truncate", "mask"] = "auto"
+    tis_level: Literal["token", "sequence", "geometric"] = "token"
     tis_cap: float = 2.0
+
+
+#: recipe keys that were replaced, and what replaced them
+RENAMED_KEYS = {
+    "algorithm.advantage_method": "algorithm.advantage.name",
+    "algorithm.normalize_by_std": "algorithm.advantage.normalize_by_std",
+    "algorithm.policy_loss": "algorithm.loss.name",
+    "algorithm.clip_low": "algorithm.loss.clip_low",
+    "algorithm.clip_high": "algorithm.loss.clip_high",
+}
+#: dotted paths of kernel choices
+CHOICES = {"algorithm.advantage": "advantage", "algorithm.loss": "loss"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,16 +233,42 @@ class TrainConfig:
     output_dir: str = "runs/default"
     experiment_name: str = "mtrl_jax"
     run_name: str | None = None
+    # where metrics and traces go: an MLflow run (default), memory (tests) or nowhere
+    tracker: Literal["mlflow", "memory", "none"] = "mlflow"
     export_merged: bool = False
 
     def __post_init__(self):
         _check(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        """Plain data that :func:`load_config` reads back to an equal config."""
+        return _to_plain(self)
+
+    @property
+    def tis_mode(self) -> str:
+        """``algorithm.tis_mode`` with ``auto`` resolved."""
+        mode = self.algorithm.tis_mode
+        if mode != "auto":
+            return mode
+        return "truncate" if self.async_config.max_steps_off_policy > 0 else "none"
+
+    @property
+    def loss_config(self):
+        """The :class:`~mtrl_jax.kernels.LossConfig` every loss of this run is called with."""
+        from mtrl_jax.kernels import LossConfig, TISParams
+
+        a = self.algorithm
+        return LossConfig(aggregation=a.aggregation, norm_length=a.norm_length,
+                          kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                          entropy_coef=a.entropy_coef,
+                          tis=TISParams(mode=self.tis_mode, level=a.tis_level, cap=a.tis_cap))
 
 
 def _to_plain(x):
+    if isinstance(x, KernelChoice):
+        return _to_plain(x.to_config())
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
     if isinstance(x, dict):
         return {k: _to_plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
@@ -188,7 +277,7 @@ def _to_plain(x):
 
 
 def _check(c: TrainConfig) -> None:
-    from mtrl_jax.kernels import ADVANTAGE_ESTIMATORS, AGGREGATIONS, POLICY_LOSSES
+    from mtrl_jax.kernels import AGGREGATIONS
 
     def need(ok: bool, key: str, msg: str):
         if not ok:
@@ -204,12 +293,20 @@ def _check(c: TrainConfig) -> None:
     need(c.eval_interval >= 0 and c.checkpoint_interval >= 0, "eval_interval",
          "intervals must be >= 0 (0 = never)")
     a = c.algorithm
-    need(a.advantage_method in ADVANTAGE_ESTIMATORS.names(), "algorithm.advantage_method",
-         f"{a.advantage_method!r} is not one of {ADVANTAGE_ESTIMATORS.names()}")
-    need(a.policy_loss in POLICY_LOSSES.names(), "algorithm.policy_loss",
-         f"{a.policy_loss!r} is not one of {POLICY_LOSSES.names()}")
     need(a.aggregation in AGGREGATIONS, "algorithm.aggregation",
-         f"{a.aggregation!r} is not one of {AGGREGATIONS}")
+         f"{a.aggregation!r} is not one of {list(AGGREGATIONS)}")
+    need(a.aggregation != "seq_mean_token_sum_norm" or (a.norm_length or 0) > 0,
+         "algorithm.norm_length",
+         "aggregation 'seq_mean_token_sum_norm' divides by a constant length: set it (Dr. "
+         "GRPO uses the generation budget; here rollout.max_turns x "
+         f"rollout.sampling_max_tokens = {r.max_turns * r.sampling_max_tokens})")
+    need(a.norm_length is None or a.norm_length > 0, "algorithm.norm_length", "must be > 0")
+    _check_kernels(c)
+    _check_task(c)
+    try:
+        c.loss_config  # noqa: B018 -- builds (and so validates) the kernels' LossConfig
+    except ValueError as e:
+        raise ConfigError(f"algorithm: {e}") from None
     o = c.optimizer
     need(o.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
     need(o.mini_batches >= 1 and o.epochs >= 1, "optimizer.mini_batches",
@@ -229,6 +326,102 @@ def _check(c: TrainConfig) -> None:
          "packing.row_lengths", "needs positive lengths")
     need(c.model.path is not None or c.model.tokenizer in ("byte", "demo_words"),
          "model.tokenizer", "without model.path use 'byte' or 'demo_words'")
+
+
+def _check_task(c: TrainConfig) -> None:
+    """``data.imports`` import, ``data.task`` names a known task, ``data.reward`` one of its
+    family's reward kinds."""
+    from mtrl_jax.envs import families
+
+    try:
+        families.import_user_modules(c.data.imports)
+    except Exception as e:  # an ImportError, or the module's own error
+        raise ConfigError(f"data.imports: {e}") from e
+    try:
+        kinds = families.reward_kinds(c.data.task)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data.task: {e.args[0] if e.args else e}") from None
+    if c.data.reward is not None and c.data.reward not in kinds:
+        raise ConfigError(f"data.reward: {c.data.reward!r} is not a reward of {c.data.task}; "
+                          f"its family offers {list(kinds)}")
+
+
+def _check_kernels(c: TrainConfig) -> None:
+    """The chosen kernels exist, hold their own parameter type, and take only inputs the
+    trainer feeds (:data:`mtrl_jax.training.batch.ADVANTAGE_INPUTS`)."""
+    from mtrl_jax.training.batch import ADVANTAGE_INPUTS
+
+    for path, kind in CHOICES.items():
+        choice = getattr(c.algorithm, path.split(".")[1])
+        if not isinstance(choice, KernelChoice):
+            raise ConfigError(f"{path}: expected a KernelChoice, got {choice!r}")
+        entry = _lookup(kind, choice.name, path)
+        if not isinstance(choice.params, entry.params_cls):
+            raise ConfigError(f"{path}: {kind} {choice.name!r} takes "
+                              f"{entry.params_cls.__name__}, got {type(choice.params).__name__}")
+    adv = c.algorithm.advantage
+    est = _registry("advantage").get(adv.name)
+    missing = [x for x in est.inputs if x not in ADVANTAGE_INPUTS]
+    if missing:
+        raise ConfigError(
+            f"algorithm.advantage.name: estimator {adv.name!r} needs {missing}, which the "
+            f"trainer does not feed (it feeds {sorted(ADVANTAGE_INPUTS)}); choose one of "
+            f"{_feedable_estimators(ADVANTAGE_INPUTS)}")
+    k = getattr(adv.params, "k", None)
+    if adv.name == "grpo_passk" and k > c.rollout.group_size:
+        raise ConfigError(f"algorithm.advantage.k: pass@{k} needs at least {k} samples per "
+                          f"task, but rollout.group_size is {c.rollout.group_size}")
+
+
+def _feedable_estimators(feeds) -> list[str]:
+    reg = _registry("advantage")
+    return [n for n in reg.names() if all(x in feeds for x in reg.get(n).inputs)]
+
+
+def _lookup(kind: str, name: Any, path: str):
+    reg = _registry(kind)
+    if not isinstance(name, str) or name not in reg:
+        close = difflib.get_close_matches(str(name), reg.names(), n=1, cutoff=0.5)
+        hint = f" -- did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{path}.name: unknown {kind} {name!r}{hint} Valid names: "
+                          f"{reg.names()}")
+    return reg.get(name)
+
+
+def _build_choice(kind: str, value: Any, path: str, default: str) -> KernelChoice:
+    """``{name: ..., <param>: ...}`` (or a bare name) -> :class:`KernelChoice` with the registry
+    entry's own parameter dataclass; unknown or foreign parameters fail naming the key. Without
+    a name, the parameters are the ``default`` kernel's."""
+    if isinstance(value, KernelChoice):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a name or a mapping {{name: ..., <parameters>}}, "
+                          f"got {value!r}")
+    name = value.get("name", default)
+    entry = _lookup(kind, name, path)
+    cls = entry.params_cls
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, v in value.items():
+        if key == "name":
+            continue
+        if key not in fields:
+            reg = _registry(kind)
+            owners = [n for n in reg.names()
+                      if key in {f.name for f in dataclasses.fields(reg.get(n).params_cls)}]
+            whose = f" (a parameter of {owners})" if owners else ""
+            close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
+            hint = f" -- did you mean {path + '.' + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {path + '.' + key!r}{whose}: {kind} {name!r} takes "
+                              f"{sorted(fields) or 'no parameters'}{hint}")
+        kwargs[key] = _coerce(hints[key], v, f"{path}.{key}")
+    try:
+        return KernelChoice(name, cls(**kwargs))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------ loading
@@ -265,9 +458,58 @@ def load_config(recipe: str | os.PathLike | dict[str, Any] | None = None,
             items.append((k.strip(), yaml.safe_load(v)))
     for k, v in kw_overrides.items():
         items.append((k, v))
+    _normalize_choices(data)
+    _reset_renamed_choices(data, items)
     for key, value in items:
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, {"name": value} if key in CHOICES and isinstance(value, str)
+                    else value)
     return _build(TrainConfig, data, "")
+
+
+def _get_dotted(data: dict[str, Any], key: str) -> Any:
+    cur: Any = data
+    for p in key.split("."):
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+def _normalize_choices(data: dict[str, Any]) -> None:
+    """A bare kernel name in a recipe (``loss: cispo``) is ``{name: cispo}``."""
+    for path in CHOICES:
+        value = _get_dotted(data, path)
+        if isinstance(value, str):
+            _set_dotted(data, path, {"name": value})
+
+
+def _reset_renamed_choices(data: dict[str, Any], items: list[tuple[str, Any]]) -> None:
+    """An override that names another kernel than the recipe's drops the recipe's parameters
+    for that kernel: they were set for the kernel the recipe named (see the module doc)."""
+    for path in CHOICES:
+        new = None
+        for key, value in items:
+            if key == f"{path}.name":
+                new = value
+            elif key == path and isinstance(value, str):
+                new = value
+            elif key == path and isinstance(value, dict) and "name" in value:
+                new = value["name"]
+        if new is None:
+            continue
+        block = _get_dotted(data, path)
+        old = block.get("name") if isinstance(block, dict) else None
+        if old is None:  # the default kernel, with its default parameters
+            old = _default_name(path)
+        if new != old:
+            _set_dotted(data, path, None)  # replace the block, do not merge into it
+            _set_dotted(data, path, {"name": new})
+
+
+def _default_name(path: str) -> str:
+    section, field = path.split(".")
+    cls = typing.get_type_hints(TrainConfig)[section]
+    return getattr(cls(), field).name
 
 
 def _deep_copy(d):
@@ -305,10 +547,21 @@ def _build(cls, data: Any, prefix: str):
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in RENAMED_KEYS:
+            raise ConfigError(
+                f"{path!r} was replaced by {RENAMED_KEYS[path]!r}: a kernel's parameters sit "
+                "beside its name, e.g. algorithm: {advantage: {name: group_based, "
+                "normalize_by_std: true}, loss: {name: cispo, clip_high: 0.28}} "
+                "(see configs/README.md)")
         if key not in fields:
             full = [f"{prefix}{n}" for n in fields]
             raise ConfigError(f"unknown key {path!r}{_suggest(path, full)}")
-        kwargs[key] = _coerce(hints[key], value, path)
+        kind = fields[key].metadata.get("registry")
+        if kind:
+            default = fields[key].default_factory().name
+            kwargs[key] = _build_choice(kind, value, path, default)
+        else:
+            kwargs[key] = _coerce(hints[key], value, path)
     try:
         return cls(**kwargs)
     except ConfigError:
