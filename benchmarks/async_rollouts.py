@@ -46,13 +46,13 @@ def run_one(lat: float, k: int, steps: int, seed: int, overrides: list[str]) -> 
     wall = time.perf_counter() - t0
     val = t.evaluate("val", log_traces=False)
     t.close()
-    succ = val["val/task_success_rate"]
+    succ = val["val/greedy/strict_success"]
     n_val = len(t.val_tasks)
     return {
         "latency_s": lat, "k": k, "steps": steps, "wall_s": wall, "s_per_step": wall / steps,
         "s_per_step_after_first": sum(m["time/step_s"] for m in hist[1:]) / max(1, steps - 1),
         "val_success": succ, "val_success_se": math.sqrt(succ * (1 - succ) / n_val),
-        "val_sampled_success": val.get("val/sampled_task_success_rate"),
+        "val_sampled_success": val.get("val/sampled/strict_success"),
         "train_reward_last4": sum(m["rollout/reward/mean"] for m in hist[-4:]) / 4,
         "staleness_mean": sum(m.get("async/staleness/mean", 0.0) for m in hist) / len(hist),
         "rollout_wait_s": sum(m.get("async/wait_s", m["time/rollout_s"]) for m in hist),

@@ -49,7 +49,7 @@ PATTERNS = {
         analysis__zero_adv_groups=[(s, 0.8) for s in range(N)]),
     "reward_hacking": lambda: _hist(
         _noisy(np.linspace(0.3, 0.8, N)),
-        val__task_success_rate=[(s, 0.12) for s in range(0, N + 1, 10)],
+        val__greedy__strict_success=[(s, 0.12) for s in range(0, N + 1, 10)],
         val__reward_strict_disagreements=[(s, 2.0 + s) for s in range(0, N + 1, 10)]),
     "reward_collapse": lambda: _hist(_noisy(np.concatenate(
         [np.linspace(0.3, 0.7, 20), np.linspace(0.7, 0.25, 20)]))),
@@ -58,13 +58,13 @@ PATTERNS = {
         rollout__truncated_frac=[(s, 0.12) for s in range(N)]),
     "low_completion": lambda: _hist(
         _noisy(np.linspace(0.3, 0.7, N)),
-        val__completion_rate=[(s, 0.5) for s in range(0, N + 1, 10)]),
+        val__greedy__completion_rate=[(s, 0.5) for s in range(0, N + 1, 10)]),
     "low_correctness": lambda: _hist(
         _noisy(np.full(N, 0.2)),
-        val__task_success_rate=[(s, 0.05) for s in range(0, N + 1, 10)]),
+        val__greedy__strict_success=[(s, 0.05) for s in range(0, N + 1, 10)]),
     "slow_stall": lambda: _hist(
         _noisy(np.concatenate([np.linspace(0.2, 0.5, 20), np.full(20, 0.5)]), 0.01),
-        val__task_success_rate=[(s, v) for s, v in zip(range(0, N + 1, 10),
+        val__greedy__strict_success=[(s, v) for s, v in zip(range(0, N + 1, 10),
                                                        [0.1, 0.3, 0.4, 0.4, 0.45],
                                                        strict=True)]),
 }

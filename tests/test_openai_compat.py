@@ -66,13 +66,14 @@ def test_reference_column_matches_our_own_greedy_play(server, tmp_path):
                               output_dir=tmp_path / "ev", verbose=False)
     res = ev.evaluate()
     assert set(res["models"]) == {"base", "reference"}
-    base_g, ref_g = ev.plays["base"][0], ev.plays["reference"][0]
+    base_g, ref_g = ev.plays["base"].greedy, ev.plays["reference"].greedy
     assert [t.error for t in ref_g] == [None] * 4
     said = [t.messages[-1]["content"] for t in base_g]
     assert all(said) and [t.messages[-1]["content"] for t in ref_g] == said
     assert [t.finish_reason for t in ref_g] == [t.finish_reason for t in base_g]
     assert [t.final_text for t in ref_g] == [t.final_text for t in base_g]
     assert [t.reward for t in ref_g] == [t.reward for t in base_g]
-    for k in ("task_success", "reward/mean", "completion_rate", "pass_k_2"):
+    for k in ("greedy/strict_success", "greedy/reward/mean", "greedy/completion_rate",
+              "strict_pass_k_2"):
         assert k in res["models"]["reference"]
-    assert len(ev.plays["reference"][1]) == 4 * 2
+    assert len(ev.plays["reference"].sampled) == 4 * 2

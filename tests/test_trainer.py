@@ -204,7 +204,7 @@ def test_against_a_real_mlflow_server(tmp_path):
         assert run.data.params["rollout.group_size"] == "4"
         hist = client.get_metric_history(run_id, "rollout/reward/mean")
         assert sorted(m.step for m in hist) == [1, 2]
-        for name in ("val/reward/mean", "val/reward/pass_k_1", "train/loss",
+        for name in ("val/greedy/reward/mean", "val/reward_pass_k_1", "train/loss",
                      "rollout/completion_rate",
                      "analysis/zero_adv_groups", "train/packing_efficiency"):
             assert name in run.data.metrics or client.get_metric_history(run_id, name), name

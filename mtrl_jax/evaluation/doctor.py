@@ -121,7 +121,7 @@ def reward_collapse(h: History) -> Finding | None:
         f"reward (5-step mean) peaked at {sm[peak]:.3f} near step {steps[peak + 2]} and fell to "
         f"{sm[-1]:.3f}",
         "set async_config.max_steps_off_policy=0 (on-policy data); if the loss is CISPO, move "
-        "to PPO with clip (0.8, 1.2) (algorithm.policy_loss=ppo, clip_low=0.2, clip_high=0.2); "
+        "to PPO with clip (0.8, 1.2) (algorithm.loss={name: ppo, clip_low: 0.2, clip_high: 0.2}); "
         "resume from the checkpoint before the peak",
         "rollout/reward/mean holds its level; train/is_weight_max and train/clip_frac stay low")
 
@@ -142,7 +142,7 @@ def truncated_turns(h: History) -> Finding | None:
 
 
 def low_completion(h: History) -> Finding | None:
-    for prefix in ("val", "rollout"):
+    for prefix in ("val/greedy", "rollout"):
         _, c = _series(h, f"{prefix}/completion_rate")
         if len(c) >= 2:
             break
