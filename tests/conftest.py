@@ -18,9 +18,10 @@ atexit.register(shutil.rmtree, _DATA, True)
 # of its compile time (8 s -> 0.8 s for a tiny train step)
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", os.path.join(_DATA, "xla_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+if os.environ.get("MTRL_TEST_XLA_CACHE", "1") != "0":
+    jax.config.update("jax_compilation_cache_dir", os.path.join(_DATA, "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # SOP-Bench data (CC BY-NC, evaluation and tests only) lies beside the clone, never in it
 _SOP_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",

@@ -291,3 +291,20 @@ def test_steps_whose_episodes_all_fail_early_are_admitted_not_rerun_forever(tmp_
     t.close()
     assert len(hist) == 2 and all(m["rollout/error_frac"] == 1.0 for m in hist)
     assert hist[-1]["async/rejected_results"] == 0.0
+
+
+def test_rollout_workers_import_the_recipes_user_families(tmp_path):
+    """A task family registered by data.imports exists in the worker processes too (they are
+    fresh interpreters: nothing the trainer imported is there unless they import it)."""
+    family = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
+                          "my_family.py")
+    t = MultiTurnRLTrainer(
+        overrides=TINY + ["steps=1", f"output_dir={tmp_path / 'user'}", "eval_interval=0",
+                          f"data.imports=[{family}]", "data.task=warehouse:stock",
+                          "async_config.mode=process", "rollout.max_turns=2"],
+        verbose=False, resume=False)
+    hist = t.train()
+    t.close()
+    assert len(hist) == 1 and hist[0]["rollout/error_frac"] < 1.0
+    assert [r["worker"] for r in _ledger(t)] == [0]
+    assert _ledger(t)[0]["episodes"][0].startswith("s0/warehouse/train/")

@@ -209,3 +209,32 @@ def test_every_registered_kernel_loads_and_round_trips_through_to_dict():
                                        "algorithm.norm_length=64", "algorithm.kl_coef=0.1"])
             assert load_config(c.to_dict()) == c
             assert c.loss_config.norm_length == 64 and c.loss_config.kl_coef == 0.1
+
+
+# ------------------------------------------------------------------------------ the task
+
+def test_the_reward_kind_and_the_task_are_checked_against_the_family():
+    assert load_config(overrides=["data.reward=strict"]).data.reward == "strict"
+    with pytest.raises(ConfigError, match=r"data.reward: 'sparse' is not a reward of "
+                       r"sop_synth:aircraft_inspection; its family offers \['dense', 'strict'\]"):
+        load_config(overrides=["data.reward=sparse"])
+    with pytest.raises(ConfigError, match=r"data.reward: 'strict' .* offers \['dense'\]"):
+        load_config(overrides=["data.task=math:arith", "data.reward=strict"])
+    with pytest.raises(ConfigError, match=r"data.task: .*'mathh'"):
+        load_config(overrides=["data.task=mathh:arith"])
+
+
+def test_data_imports_register_a_user_family_before_the_task_is_looked_up():
+    family = os.path.join(REPO, "examples", "my_family.py")
+    c = load_config(overrides=[f"data.imports=[{family}]", "data.task=warehouse:stock"])
+    assert c.data.imports == (family,)
+    with pytest.raises(ConfigError, match=r"data.imports: .*no_such_module_xyz"):
+        load_config(overrides=["data.imports=[no_such_module_xyz]"])
+
+
+def test_a_custom_environment_refuses_a_family_reward_kind(tmp_path):
+    from mtrl_jax.training.trainer import MultiTurnRLTrainer
+
+    with pytest.raises(ValueError, match="a custom make_env defines its own reward"):
+        MultiTurnRLTrainer(overrides=["data.reward=strict", f"output_dir={tmp_path}"],
+                           make_env=lambda task: None, verbose=False)

@@ -125,3 +125,40 @@ def test_weights_loaded_before_a_decode_call_apply_to_later_turns():
     assert (b1.policy_version, b2.policy_version) == (0, 1)
     assert a1.logprobs == b1.logprobs  # the first turn is untouched
     assert a2.logprobs != b2.logprobs  # the second sampled from the new adapters
+
+
+def test_each_request_samples_with_its_own_parameters(monkeypatch):
+    """Sampling parameters travel with each request (evaluation's greedy and sampled episodes,
+    training's): one decode call serves one parameter set, and nothing is swapped on the
+    sampler."""
+    from types import SimpleNamespace
+
+    from mtrl_jax.rollout import jax_sampler
+
+    seen = []
+
+    def fake_generate(model, cache, inputs, num_inputs, key, params, *, max_new, max_new_tokens):
+        rows = np.asarray(num_inputs) > 0
+        seen.append((params.temperature, int(rows.sum())))
+        n = inputs.shape[0]
+        return SimpleNamespace(cache=cache, tokens=jnp.full((n, 1), IM_END),
+                               logprobs=jnp.zeros((n, 1)), num_tokens=jnp.ones((n,), jnp.int32),
+                               stopped=jnp.ones((n,), bool))
+
+    monkeypatch.setattr(jax_sampler, "generate", fake_generate)
+    model = CausalLM(CFG, LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+    default = SamplingParams(temperature=0.7, stop_token_ids=(IM_END,))
+    sampler = JaxSampler(model, default, slots=4, max_len=64, seed=0)
+    greedy = SamplingParams(temperature=0.0, stop_token_ids=(IM_END,))
+
+    async def go():
+        got = await asyncio.gather(sampler.sample("a", [1, 2], 4, greedy),
+                                   sampler.sample("b", [1, 3], 4),
+                                   sampler.sample("c", [1, 4], 4, greedy))
+        await sampler.close()
+        return got
+
+    out = asyncio.run(go())
+    assert all(r.tokens == [IM_END] for r in out)
+    assert sorted(seen) == [(0.0, 2), (0.7, 1)]  # two calls: the greedy pair, the default one
+    assert sampler.params is default

@@ -131,21 +131,26 @@ def play_task_set(runner, tasks: Sequence[Task], *, seed: int, num_samples: int,
                   progress: Callable[[str], None] | None = None) -> Play:
     """Play ``tasks`` with ``runner`` (:class:`~mtrl_jax.rollout.runner.RolloutRunner`):
     one greedy episode per task (unless ``greedy=False``) and ``num_samples`` sampled at
-    ``temperature``; ``max_tokens`` per turn. Keys: ``fold_in(key(seed), 0)`` for the greedy
-    episodes, ``fold_in(key(seed), 1)`` for the sampled ones. ``progress(line)`` gets a line
-    after each lockstep round."""
+    ``temperature``; ``max_tokens`` per turn. Keys: ``fold_in(key(seed), EVAL_STREAM)``, folded
+    with 0 for the greedy episodes and 1 for the sampled ones (a stream of its own: training
+    rollouts use ``fold_in(key(seed), step)``). ``progress(line)`` gets a line at most every
+    ``PROGRESS_EVERY_S`` seconds and at the end of each phase."""
     import jax
 
     tasks = list(tasks)
-    key = jax.random.key(seed)
+    key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
     t0 = time.perf_counter()
+    last = [t0]
 
     def report(kind: str):
         if progress is None:
             return None
 
         def cb(done: int, total: int) -> None:
-            progress(f"{tag}: {done}/{total} {kind} episodes ({time.perf_counter() - t0:.0f} s)")
+            now = time.perf_counter()
+            if done == total or now - last[0] >= PROGRESS_EVERY_S:
+                last[0] = now
+                progress(f"{tag}: {done}/{total} {kind} episodes ({now - t0:.0f} s)")
 
         return cb
 

@@ -48,10 +48,11 @@ class StepRollout:
 
 class RolloutSource(Protocol):
     def start(self, version: int, lora, *, tasks_for: Callable[[int], Sequence[Task]],
-              first_step: int, last_step: int, base_fingerprint: float | None = None) -> None:
+              first_step: int, last_step: int,
+              base_fingerprint: Callable[[], float] | None = None) -> None:
         """Serve steps ``first_step .. last_step - 1`` (``tasks_for(step)``: the step's tasks)
         starting from policy ``version``. Sources whose workers rebuild the base model check
-        it against ``base_fingerprint``."""
+        it against the checksum ``base_fingerprint()`` returns (only they compute it)."""
         ...
 
     def episodes(self, step: int) -> StepRollout: ...
@@ -72,7 +73,8 @@ class SyncRolloutSource:
         self.tasks_for: Callable[[int], Sequence[Task]] | None = None
 
     def start(self, version: int, lora, *, tasks_for: Callable[[int], Sequence[Task]],
-              first_step: int, last_step: int, base_fingerprint: float | None = None) -> None:
+              first_step: int, last_step: int,
+              base_fingerprint: Callable[[], float] | None = None) -> None:
         self.runner = self._runner() if callable(self._runner) else self._runner
         self.tasks_for = tasks_for
         self.publish(version, lora)

@@ -318,16 +318,18 @@ class ProcessRolloutPool:
         self._monitor.start()
 
     def start(self, version: int, lora_state, *, tasks_for: Callable[[int], Sequence],
-              first_step: int, last_step: int, base_fingerprint: float | None = None) -> None:
+              first_step: int, last_step: int,
+              base_fingerprint: Callable[[], float] | None = None) -> None:
         """Serve steps ``first_step .. last_step - 1`` (``tasks_for(step)`` -> the step's
-        tasks) from policy ``version``; workers must hold the base with ``base_fingerprint``."""
+        tasks) from policy ``version``; workers must hold the base whose checksum
+        ``base_fingerprint()`` returns."""
         if self.started:
             return
         self.launch()
         with self._lock:
             self.started = True
             self.tasks_for = tasks_for
-            self.fingerprint = base_fingerprint
+            self.fingerprint = None if base_fingerprint is None else base_fingerprint()
             self.sched = StalenessScheduler(self.config.async_config.max_steps_off_policy,
                                             first_step, last_step)
             self.sched.publish(version)
@@ -621,7 +623,8 @@ class InProcessRolloutPool:
         self.started = False
 
     def start(self, version: int, lora_state, *, tasks_for: Callable[[int], Sequence],
-              first_step: int, last_step: int, base_fingerprint: float | None = None) -> None:
+              first_step: int, last_step: int,
+              base_fingerprint: Callable[[], float] | None = None) -> None:
         if self.started:
             return
         self.runner = self._runner() if callable(self._runner) else self._runner

@@ -186,7 +186,7 @@ class MultiTurnRLTrainer:
         origin = (self.step, self.data_pos)  # fixed: a pool's thread calls it during steps
         self.source.start(self.step, self.lora, tasks_for=lambda s: self._tasks_for(s, origin),
                           first_step=self.step, last_step=self.config.steps,
-                          base_fingerprint=base_fingerprint(self.runner.sampler.model))
+                          base_fingerprint=lambda: base_fingerprint(self.runner.sampler.model))
         self._source_started = True
 
     # ------------------------------------------------------------------ one step
