@@ -301,10 +301,12 @@ def test_rollout_workers_import_the_recipes_user_families(tmp_path):
     t = MultiTurnRLTrainer(
         overrides=TINY + ["steps=1", f"output_dir={tmp_path / 'user'}", "eval_interval=0",
                           f"data.imports=[{family}]", "data.task=warehouse:stock",
-                          "async_config.mode=process", "rollout.max_turns=2"],
+                          "async_config.mode=process", "rollout.max_turns=2",
+                          "rollout.max_context_tokens=1024", "packing.row_lengths=[1024]"],
         verbose=False, resume=False)
     hist = t.train()
     t.close()
-    assert len(hist) == 1 and hist[0]["rollout/error_frac"] < 1.0
+    assert len(hist) == 1 and hist[0]["rollout/error_frac"] == 0.0
+    assert hist[0]["train/tokens"] > 0
     assert [r["worker"] for r in _ledger(t)] == [0]
     assert _ledger(t)[0]["episodes"][0].startswith("s0/warehouse/train/")

@@ -76,6 +76,16 @@ def test_segments_carry_episode_or_turn_advantages_on_literal_tokens():
     np.testing.assert_allclose(b.behaviour_logprobs[0][row], [0, 0, -0.5, 0, 0, -0.5, -0.5, -0.5])
 
 
+def test_a_sample_without_sampled_tokens_is_not_packed():
+    # a prompt that fills the context alone: the episode ends before its first token
+    long_prompt = traj([([1] * 300, [])], 0.0, finish="truncated")
+    group = [long_prompt, traj([([1, 2], [3])], 1.0)]
+    x = advantage_inputs(group, 2)
+    segs = episode_segments(group, compute_step_advantages(x, "rloo", RLOOParams()), x.valid)
+    assert [s.index for s in segs] == [1]
+    pack_for_update(segs, (16,), row_multiple=1, mini_batches=1)  # fits: the 300 are not there
+
+
 def test_three_minibatches_over_a_row_multiple_of_four_train_every_row():
     # the old trainer packed 8 real rows to 8 and took rows // 3 = 2 per mini-batch: 2 never
     # trained, without a message

@@ -3,11 +3,15 @@ with spies on the kernel calls, and the settings that must change the loss do ch
 
 The steps train on replayed multi-turn episodes (literal byte tokens, per-turn rewards that
 differ within each group, behaviour log-probs far from the policy's on some tokens) so that every
-estimator has signal and every TIS mode has weights to cut.
+estimator has signal and every TIS mode has weights to cut. Each step makes two optimizer
+updates (``optimizer.epochs=2``), so the second sees ratios off 1 (clipping, KL to the base).
+A step is run once per recipe and shared by the tests that read it (each distinct loss is a
+program to compile).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -54,7 +58,7 @@ LOSSES = {
     "gspo": ({"clip_low": 1e-3, "clip_high": 2e-3}, GSPOParams(1e-3, 2e-3)),
 }
 BASE = TINY + ["eval_interval=0", "checkpoint_interval=0", "tracker=memory",
-               "rollout.max_turns=2"]
+               "rollout.max_turns=2", "optimizer.epochs=2", "optimizer.learning_rate=0.2"]
 
 
 def test_the_matrix_covers_every_registered_kernel():
@@ -98,19 +102,23 @@ def _tasks():
             for i in range(4)]
 
 
-def _trainer(tmp_path, name, overrides):
-    return MultiTurnRLTrainer(overrides=BASE + [f"output_dir={tmp_path / name}", "steps=1",
-                                                *overrides],
-                              train_tasks=_tasks(), make_env=lambda t: None,
-                              rollout_source=ReplaySource(), verbose=False)
+@dataclasses.dataclass
+class Step:
+    """One trainer step of a recipe and what the kernels were called with."""
+
+    metrics: dict[str, float]
+    advantage_calls: list  # (name, params, rewards shape, lengths given)
+    loss_calls: list       # (name, params, LossConfig, PolicyLossInputs)
 
 
-def _yaml(d: dict) -> str:
-    return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
+_STEPS: dict[tuple[str, ...], Step] = {}
 
 
-@pytest.fixture
-def spies(monkeypatch):
+def run_step(tmp_path_factory, *overrides: str) -> Step:
+    """A trainer step with ``overrides`` on the replayed episodes, spies on the advantage and
+    loss kernels; memoised per recipe."""
+    if overrides in _STEPS:
+        return _STEPS[overrides]
     calls: dict[str, list] = {"advantage": [], "loss": []}
     real_adv, real_loss = batch_mod.compute_advantages, update_mod.policy_loss
 
@@ -122,94 +130,100 @@ def spies(monkeypatch):
         calls["loss"].append((name, params, config, inputs))
         return real_loss(name, inputs, params, config, **kw)
 
-    monkeypatch.setattr(batch_mod, "compute_advantages", adv_spy)
-    monkeypatch.setattr(update_mod, "policy_loss", loss_spy)
-    return calls
+    batch_mod.compute_advantages, update_mod.policy_loss = adv_spy, loss_spy
+    try:
+        out = tmp_path_factory.mktemp("step")
+        t = MultiTurnRLTrainer(overrides=BASE + [f"output_dir={out}", "steps=1", *overrides],
+                               train_tasks=_tasks(), make_env=lambda t: None,
+                               rollout_source=ReplaySource(), verbose=False)
+        m = t.train_step()
+        t.close()
+    finally:
+        batch_mod.compute_advantages, update_mod.policy_loss = real_adv, real_loss
+    _STEPS[overrides] = Step(m, calls["advantage"], calls["loss"])
+    return _STEPS[overrides]
+
+
+def _yaml(d: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
+
+
+def _matrix_recipe(adv: str, loss: str) -> tuple[str, str]:
+    return (f"algorithm.advantage={_yaml({'name': adv, **ADVANTAGES[adv][0]})}",
+            f"algorithm.loss={_yaml({'name': loss, **LOSSES[loss][0]})}")
 
 
 @pytest.mark.parametrize("adv, loss", list(itertools.product(ADVANTAGES, LOSSES)))
-def test_each_estimator_and_loss_receive_exactly_the_recipes_parameters(tmp_path, spies, adv,
+def test_each_estimator_and_loss_receive_exactly_the_recipes_parameters(tmp_path_factory, adv,
                                                                         loss):
-    (adv_recipe, adv_params), (loss_recipe, loss_params) = ADVANTAGES[adv], LOSSES[loss]
-    t = _trainer(tmp_path, "m", [f"algorithm.advantage={_yaml({'name': adv, **adv_recipe})}",
-                                 f"algorithm.loss={_yaml({'name': loss, **loss_recipe})}"])
-    m = t.train_step()
-    t.close()
+    step = run_step(tmp_path_factory, *_matrix_recipe(adv, loss))
+    m = step.metrics
     assert math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0
-    [(name, params, shape, with_lengths)] = spies["advantage"]
-    assert (name, params) == (adv, adv_params)
+    [(name, params, shape, with_lengths)] = step.advantage_calls
+    assert (name, params) == (adv, ADVANTAGES[adv][1])
     assert shape == ((2, 4, 2) if adv == "group_based_per_turn" else (2, 4))
     assert with_lengths == (adv == "opo")
-    names = {(n, p) for n, p, _, _ in spies["loss"]}
-    assert names == {(loss, loss_params)}  # traced once per shape, always with these
-    assert {c for _, _, c, _ in spies["loss"]} == {LossConfig(tis=TISParams(mode="none"))}
+    # traced once per mini-batch shape, always with exactly these
+    assert {(n, p) for n, p, _, _ in step.loss_calls} == {(loss, LOSSES[loss][1])}
+    assert {c for _, _, c, _ in step.loss_calls} == {LossConfig(tis=TISParams(mode="none"))}
     assert m["analysis/zero_adv_groups"] < 1.0  # the estimator saw signal
 
 
-@pytest.mark.parametrize("overrides, expected", [
+DEFAULT = LossConfig()
+#: (a setting, the LossConfig it must reach the loss as -- None: the default -- and the
+#: setting it must give another loss than)
+SETTINGS = [
     (["algorithm.aggregation=seq_mean_token_mean"],
-     LossConfig(aggregation="seq_mean_token_mean")),
-    (["algorithm.aggregation=seq_mean_token_sum"], LossConfig(aggregation="seq_mean_token_sum")),
+     LossConfig(aggregation="seq_mean_token_mean"), []),
+    (["algorithm.aggregation=seq_mean_token_sum"], LossConfig(aggregation="seq_mean_token_sum"),
+     []),
     (["algorithm.aggregation=seq_mean_token_sum_norm", "algorithm.norm_length=32"],
-     LossConfig(aggregation="seq_mean_token_sum_norm", norm_length=32)),
-    (["algorithm.kl_coef=0.3", "algorithm.kl_estimator=k1"],
-     LossConfig(kl_coef=0.3, kl_estimator="k1")),
-    (["algorithm.kl_coef=0.3", "algorithm.kl_estimator=k2"],
-     LossConfig(kl_coef=0.3, kl_estimator="k2")),
-    (["algorithm.kl_coef=0.3"], LossConfig(kl_coef=0.3, kl_estimator="k3")),
-    (["algorithm.entropy_coef=0.01"], LossConfig(entropy_coef=0.01)),
-    (["algorithm.tis_mode=truncate", "algorithm.tis_cap=1.5"],
-     LossConfig(tis=TISParams("truncate", "token", 1.5))),
+     LossConfig(aggregation="seq_mean_token_sum_norm", norm_length=32), []),
+    (["algorithm.kl_coef=1.0", "algorithm.kl_estimator=k1"],
+     LossConfig(kl_coef=1.0, kl_estimator="k1"), []),
+    (["algorithm.kl_coef=1.0", "algorithm.kl_estimator=k2"],
+     LossConfig(kl_coef=1.0, kl_estimator="k2"), ["algorithm.kl_coef=1.0",
+                                                 "algorithm.kl_estimator=k1"]),
+    (["algorithm.kl_coef=1.0"], LossConfig(kl_coef=1.0, kl_estimator="k3"),
+     ["algorithm.kl_coef=1.0", "algorithm.kl_estimator=k1"]),
+    (["algorithm.entropy_coef=0.5"], LossConfig(entropy_coef=0.5), []),
+    (["algorithm.tis_mode=truncate"], LossConfig(tis=TISParams("truncate", "token", 2.0)), []),
+    (["algorithm.tis_mode=mask"], LossConfig(tis=TISParams("mask", "token", 2.0)),
+     ["algorithm.tis_mode=truncate"]),
+    (["algorithm.tis_mode=truncate", "algorithm.tis_cap=8"],
+     LossConfig(tis=TISParams("truncate", "token", 8.0)), ["algorithm.tis_mode=truncate"]),
     (["algorithm.tis_mode=mask", "algorithm.tis_level=sequence"],
-     LossConfig(tis=TISParams("mask", "sequence", 2.0))),
+     LossConfig(tis=TISParams("mask", "sequence", 2.0)), ["algorithm.tis_mode=mask"]),
     (["algorithm.tis_mode=truncate", "algorithm.tis_level=geometric"],
-     LossConfig(tis=TISParams("truncate", "geometric", 2.0))),
-    (["async_config.mode=inprocess", "async_config.max_steps_off_policy=1"],
-     LossConfig(tis=TISParams("truncate", "token", 2.0))),  # auto TIS when off-policy
-])
-def test_shared_loss_settings_reach_the_loss(tmp_path, spies, overrides, expected):
-    t = _trainer(tmp_path, "s", overrides)
-    m = t.train_step()
-    t.close()
-    assert math.isfinite(m["train/loss"])
-    assert {c for _, _, c, _ in spies["loss"]} == {expected}
-    inputs = spies["loss"][0][3]
-    assert (inputs.ref_logprobs is not None) == (expected.kl_coef > 0)
-    assert (inputs.behaviour_logprobs is not None) == (expected.tis.mode != "none")
-    assert (inputs.entropy is not None) == (expected.entropy_coef > 0)
+     LossConfig(tis=TISParams("truncate", "geometric", 2.0)), ["algorithm.tis_mode=truncate"]),
+    (["async_config.max_steps_off_policy=1"],  # tis_mode=auto truncates off-policy data
+     LossConfig(tis=TISParams("truncate", "token", 2.0)), []),
+    # kernel parameters: tight clips and weights against the kernel's defaults
+    (["algorithm.loss={name: ppo, clip_low: 0.0001, clip_high: 0.0001}"], None, []),
+    (["algorithm.loss={name: cispo, clip_low: 0.0, clip_high: 0.0}"], None,
+     ["algorithm.loss=cispo"]),
+    (["algorithm.loss={name: is, max_weight: 0.5}"], None, ["algorithm.loss=is"]),
+    (["algorithm.loss={name: gspo, clip_low: 0.5, clip_high: 0.5}"], None,
+     ["algorithm.loss=gspo"]),
+    (["algorithm.advantage.normalize_by_std=false"], None, []),
+    (["algorithm.advantage={name: grpo_passk, k: 3}"], None,
+     ["algorithm.advantage={name: grpo_passk, k: 1}"]),
+    (["algorithm.advantage={name: group_based_per_turn, gamma: 0.0}"], None,
+     ["algorithm.advantage={name: group_based_per_turn, gamma: 1.0}"]),
+]
 
 
-def _loss(tmp_path, name, overrides) -> float:
-    t = _trainer(tmp_path, name, ["optimizer.epochs=2", "optimizer.learning_rate=0.2",
-                                  *overrides])
-    m = t.train_step()
-    t.close()
-    return m["train/loss"]
-
-
-@pytest.mark.parametrize("base, variant", [
-    (["algorithm.advantage.normalize_by_std=true"],
-     ["algorithm.advantage.normalize_by_std=false"]),
-    (["algorithm.advantage={name: grpo_passk, k: 1}"],
-     ["algorithm.advantage={name: grpo_passk, k: 3}"]),
-    (["algorithm.advantage={name: group_based_per_turn, gamma: 1.0}"],
-     ["algorithm.advantage={name: group_based_per_turn, gamma: 0.0}"]),
-    (["algorithm.loss={name: ppo}"], ["algorithm.loss={name: ppo, clip_low: 0.0001, "
-                                      "clip_high: 0.0001}"]),
-    (["algorithm.loss={name: cispo}"], ["algorithm.loss={name: cispo, clip_low: 0.0, "
-                                        "clip_high: 0.0}"]),
-    (["algorithm.loss={name: is}"], ["algorithm.loss={name: is, max_weight: 0.5}"]),
-    (["algorithm.loss={name: gspo}"], ["algorithm.loss={name: gspo, clip_low: 0.5, "
-                                       "clip_high: 0.5}"]),
-    (["algorithm.aggregation=token_mean"], ["algorithm.aggregation=seq_mean_token_sum"]),
-    (["algorithm.kl_coef=0"], ["algorithm.kl_coef=1.0"]),
-    (["algorithm.entropy_coef=0"], ["algorithm.entropy_coef=0.5"]),
-    (["algorithm.tis_mode=none"], ["algorithm.tis_mode=truncate"]),
-    (["algorithm.tis_mode=truncate"], ["algorithm.tis_mode=mask"]),
-    (["algorithm.tis_mode=truncate"], ["algorithm.tis_mode=truncate", "algorithm.tis_cap=8"]),
-])
-def test_settings_that_must_change_the_loss_change_it(tmp_path, base, variant):
-    a, b = _loss(tmp_path, "a", base), _loss(tmp_path, "b", variant)
-    assert math.isfinite(a) and math.isfinite(b)
+@pytest.mark.parametrize("setting, expected, other", SETTINGS,
+                         ids=[" ".join(s) for s, _, _ in SETTINGS])
+def test_each_setting_reaches_the_loss_and_changes_it(tmp_path_factory, setting, expected,
+                                                      other):
+    step = run_step(tmp_path_factory, *setting)
+    assert math.isfinite(step.metrics["train/loss"])
+    if expected is not None:
+        assert {c for _, _, c, _ in step.loss_calls} == {expected}
+        inputs = step.loss_calls[0][3]
+        assert (inputs.ref_logprobs is not None) == (expected.kl_coef > 0)
+        assert (inputs.behaviour_logprobs is not None) == (expected.tis.mode != "none")
+        assert (inputs.entropy is not None) == (expected.entropy_coef > 0)
+    a, b = step.metrics["train/loss"], run_step(tmp_path_factory, *other).metrics["train/loss"]
     assert abs(a - b) > 1e-6 * max(1.0, abs(a)), (a, b)
-

@@ -86,7 +86,9 @@ def compute_step_advantages(inputs: AdvantageInputs, name: str, params: Any) -> 
 def episode_segments(trajs: Sequence[Trajectory], advantages: np.ndarray,
                      valid: np.ndarray) -> list[Segment]:
     """One segment per sample of each valid episode. ``advantages``: ``[G, n]`` (one value per
-    episode) or ``[G, n, T]`` (per turn: each token gets the advantage of its turn)."""
+    episode) or ``[G, n, T]`` (per turn: each token gets the advantage of its turn). A sample
+    without a sampled token (a prompt that filled the context on its own) has nothing to train
+    and is left out."""
     flat_adv = advantages.reshape(len(trajs), *advantages.shape[2:])
     flat_valid = valid.reshape(-1)
     segments = []
@@ -95,6 +97,8 @@ def episode_segments(trajs: Sequence[Trajectory], advantages: np.ndarray,
             continue
         for s in traj.samples:
             arr = s.arrays()
+            if not arr["loss_mask"].any():
+                continue
             if flat_adv.ndim == 1:
                 adv: float | np.ndarray = float(flat_adv[i])
             else:
