@@ -30,7 +30,7 @@ from mtrl_jax.envs.families import (
     register_family,
     tool_call_text,
 )
-from mtrl_jax.envs.scoring import dense_reward, strict_score
+from mtrl_jax.envs.scoring import score_episode
 from mtrl_jax.envs.tools import Tool, tool
 
 SYSTEM = ("You work in a warehouse. Read the shelf with the stock tool, never guess, then answer "
@@ -82,12 +82,7 @@ class WarehouseEnvironment(Environment):
         return [stock]
 
     def reward(self, episode: Episode) -> None:
-        expected = episode.task.expected or {}
-        if self.reward_kind == "strict":
-            score = strict_score(episode.final_text, expected)
-            episode.update_reward(score, {"strict": score})
-        else:
-            episode.update_reward(*dense_reward(episode.final_text, expected))
+        score_episode(episode, self.reward_kind)
 
 
 def warehouse_oracle(task: Task) -> list[str]:

@@ -172,6 +172,9 @@ def warmup(cfg: WarmupConfig = WarmupConfig(), *, out_dir: str | None = None,
     t0 = time.perf_counter()
     tok = build_word_tokenizer(demo_corpus(cfg.data_seed))
     trajs = teacher_trajectories(tok, cfg)
+    if verbose:
+        print(f"[demo] warm-up: {len(trajs)} teacher episodes through the agent loop "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     mcfg = ModelConfig(model_type="qwen2", vocab_size=len(tok), hidden_size=cfg.hidden_size,
                        intermediate_size=cfg.intermediate_size,
                        num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -261,7 +264,7 @@ def sft(model, trajs, cfg: WarmupConfig, *, verbose: bool = True) -> list[float]
             for t in trajs for s in t.samples]
     rng = np.random.default_rng(cfg.seed)
     losses = []
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     for i in range(cfg.steps):
         idx = rng.choice(len(segs), cfg.batch_episodes, replace=False)
         b = pack([segs[j] for j in idx], (512, 1024), multiple=8)
@@ -270,9 +273,10 @@ def sft(model, trajs, cfg: WarmupConfig, *, verbose: bool = True) -> list[float]
         params, opt, loss = step(params, opt, batch)
         if i % 50 == 0 or i == cfg.steps - 1:
             losses.append(float(loss))
-            if verbose:
-                print(f"[demo] warm-up step {i:>4}/{cfg.steps} loss {float(loss):.4f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if verbose and (time.perf_counter() - last >= 10 or i == cfg.steps - 1):
+            last = time.perf_counter()
+            print(f"[demo] warm-up step {i + 1:>4}/{cfg.steps} loss {float(loss):.4f} "
+                  f"({last - t0:.0f} s)", flush=True)
     nnx.update(model, params)
     return losses
 

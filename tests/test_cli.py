@@ -91,3 +91,17 @@ def test_a_long_play_prints_progress_lines(monkeypatch):
                   max_tokens=8, tag="test", progress=lines.append)
     assert [x.split(" (")[0] for x in lines] == ["test: 2/2 greedy episodes",
                                                  "test: 8/8 sampled episodes"]
+
+
+def test_the_package_refers_to_no_path_outside_the_repository():
+    """A user's clone has no team workspace beside it: no code or docstring may point there."""
+    pkg = os.path.join(REPO, "mtrl_jax")
+    offenders = []
+    for root, _, files in os.walk(pkg):
+        for name in files:
+            if name.endswith((".py", ".json", ".cc")):
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    text = f.read()
+                if "../shared" in text or "shared/sop-bench" in text or "DESIGN.md" in text:
+                    offenders.append(os.path.relpath(os.path.join(root, name), REPO))
+    assert offenders == []

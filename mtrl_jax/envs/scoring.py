@@ -84,6 +84,23 @@ def dense_reward(text: str | None, expected: dict[str, Any], *,
     return reward, metrics
 
 
+#: the reward kinds of :func:`score_episode`
+REWARD_KINDS = ("dense", "strict")
+
+
+def score_episode(episode, kind: str = "dense") -> None:
+    """Report an episode's reward against its task's expected fields: ``dense``
+    (:func:`dense_reward`) or ``strict`` (:func:`strict_score`, the evaluation itself)."""
+    expected = episode.task.expected or {}
+    if kind == "strict":
+        score = strict_score(episode.final_text, expected)
+        episode.update_reward(score, {"strict": score})
+    elif kind == "dense":
+        episode.update_reward(*dense_reward(episode.final_text, expected))
+    else:
+        raise ValueError(f"unknown reward kind {kind!r}; valid: {list(REWARD_KINDS)}")
+
+
 @dataclasses.dataclass
 class AuditReport:
     """Agreement between a reward (thresholded) and the strict scorer on the same answers."""

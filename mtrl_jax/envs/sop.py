@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from mtrl_jax.envs.base import Environment, Episode, Task, ToolError
-from mtrl_jax.envs.scoring import dense_reward, strict_score
+from mtrl_jax.envs.scoring import REWARD_KINDS, score_episode
 from mtrl_jax.envs.tools import Tool, tool_from_spec
 
 FINAL_OUTPUT_INSTRUCTIONS = (
@@ -81,7 +81,7 @@ NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-
                         "nan", "null"})
 
 #: The reward kinds :class:`SopEnvironment` computes; the first is the default.
-SOP_REWARDS = ("dense", "strict")
+SOP_REWARDS = REWARD_KINDS  # dense (per-field accuracy + format) or strict
 
 
 class SopFormatError(ValueError):
@@ -692,12 +692,7 @@ class SopEnvironment(Environment):
             lambda: json.dumps(run_mapping(mapping, self._rows, arguments)))
 
     def reward(self, episode: Episode) -> None:
-        expected = episode.task.expected or {}
-        if self.reward_kind == "strict":
-            score = strict_score(episode.final_text, expected)
-            episode.update_reward(score, {"strict": score})
-        else:
-            episode.update_reward(*dense_reward(episode.final_text, expected))
+        score_episode(episode, self.reward_kind)
 
 
 def oracle_calls(domain: SopDomain, task: Task) -> list[dict[str, Any]]:
