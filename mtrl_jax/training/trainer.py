@@ -238,13 +238,13 @@ class MultiTurnRLTrainer:
         metrics.update(roll.metrics)
         metrics.update(train_metrics)
         sampled = sum(t.num_sampled_tokens for t in trajs)
-        o = c.optimizer
         metrics.update({
             "time/rollout_s": t_roll, "time/train_s": t_train,
             "time/step_s": time.perf_counter() - t0,
             "throughput/sampled_tokens_per_s": sampled / max(roll.seconds, 1e-9),
+            # each epoch passes every packed token once, whatever the mini-batch split
             "throughput/train_tokens_per_s":
-                train_metrics.get("train/tokens", 0.0) * o.mini_batches * o.epochs
+                train_metrics.get("train/tokens", 0.0) * c.optimizer.epochs
                 / max(t_train, 1e-9),
             "train/learning_rate": float(self.schedule(step)),
         })
