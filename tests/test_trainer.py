@@ -4,6 +4,7 @@ The environment rewards the share of even byte values in the last assistant turn
 policy gets varied rewards, non-zero advantages and real LoRA updates.
 """
 
+import json
 import math
 import os
 import socket
@@ -66,7 +67,44 @@ def _lora_leaves(t):
     return [np.asarray(x) for x in jax.tree.leaves(t.lora)]
 
 
-def test_resume_is_exact(tmp_path):
+def _interrupt_at(trainer, phase, sig, when=1):
+    """Send ``sig`` to this process (a real signal) at the ``when``-th entry into ``phase``
+    of ``trainer``: ``rollout`` (the rollout source), ``update`` (the optimizer step),
+    ``validation`` (playing the val split) or ``checkpoint`` (inside the checkpoint write)."""
+    calls = {"n": 0}
+
+    def wrap(fn):
+        def inner(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == when:
+                os.kill(os.getpid(), sig)
+            return fn(*a, **k)
+        return inner
+
+    if phase == "rollout":
+        trainer.source.episodes = wrap(trainer.source.episodes)
+    elif phase == "update":
+        trainer.updater = wrap(trainer.updater)
+    elif phase == "validation":
+        import mtrl_jax.training.trainer as tr_mod
+        real = tr_mod.play_task_set
+        tr_mod.play_task_set = wrap(real)
+        trainer._restore_play = lambda: setattr(tr_mod, "play_task_set", real)
+    elif phase == "checkpoint":
+        trainer.checkpoints.save = wrap(trainer.checkpoints.save)
+    return calls
+
+
+def _histories(tracker, keys):
+    return {k: sorted(tracker.metric_history(k)) for k in keys}
+
+
+def test_resume_is_exact_after_signals_in_every_phase(tmp_path):
+    """SIGINT/SIGTERM (real signals) during rollouts, validation, the update and a checkpoint
+    write each stop the run with a checkpoint; resuming after each gives exactly the straight
+    run: every metric at every step once, the same ledger and the same weights."""
+    import signal
+
     EvenBytes.nan_on_call = set()
     straight = make(tmp_path, "straight", 4)
     hist = straight.train()
@@ -74,31 +112,54 @@ def test_resume_is_exact(tmp_path):
     assert len(hist) == 4
     assert any(abs(m["train/grad_norm"]) > 0 for m in hist)  # real updates happened
 
-    first = make(tmp_path, "resumed", 2)
-    first.train()
-    first.close()
-    second = make(tmp_path, "resumed", 4)  # resume="auto" picks up step 2
-    assert second.step == 2 and second.data_pos == 2 * 2
-    rest = second.train()
-    second.close()
-    assert len(rest) == 2
-    for a, b in zip(hist[2:], rest, strict=True):
-        ca, cb = _comparable(a), _comparable(b)
-        assert ca.keys() == cb.keys()
-        for k in ca:
-            assert (math.isnan(ca[k]) and math.isnan(cb[k])) or ca[k] == cb[k], k
-    for x, y in zip(_lora_leaves(straight), _lora_leaves(second), strict=True):
+    chain = [("rollout", signal.SIGINT, 2, 1),     # in step 2's rollouts: saves step 1
+             ("validation", signal.SIGTERM, 1, 2),  # in step 2's validation: saves step 2
+             ("update", signal.SIGTERM, 1, 2),      # in step 3's update: step 2 is saved
+             ("checkpoint", signal.SIGINT, 1, 4)]   # in step 4's checkpoint write: held
+    for i, (phase, sig, when, saved) in enumerate(chain):
+        if i == 3:  # an empty newer checkpoint folder (a write cut short) is skipped
+            os.makedirs(tmp_path / "resumed" / "checkpoints" / "3")
+        t = make(tmp_path, "resumed", 4)
+        assert t.step == [0, 1, 2, 2][i]
+        calls = _interrupt_at(t, phase, sig, when)
+        with pytest.raises(KeyboardInterrupt) as info:
+            t.train()
+        getattr(t, "_restore_play", lambda: None)()
+        t.close()
+        assert calls["n"] >= when, phase
+        assert info.value.args[0] == signal.Signals(sig).name, phase
+        assert t.checkpoints.latest_step() == saved, phase
+        assert t.tracker.client.get_run(t.tracker.run_id).info.status == "KILLED"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    moved = os.listdir(tmp_path / "resumed" / "checkpoints_unusable")
+    assert len(moved) == 1 and moved[0].startswith("3-")
+    last = make(tmp_path, "resumed", 4)
+    assert last.step == 4 and last.data_pos == 4 * 2
+    assert last.train() == []  # nothing left to train, nothing logged twice
+    last.close()
+
+    for x, y in zip(_lora_leaves(straight), _lora_leaves(last), strict=True):
         np.testing.assert_array_equal(x, y)
+    keys = [k for k in hist[0] if not k.startswith(("time/", "throughput/"))]
+    keys += [k for k in hist[1] if k.startswith("val/")]
+    a, b = _histories(straight.tracker, keys), _histories(last.tracker, keys)
+    for k in keys:
+        assert len(a[k]) == len(b[k]), k  # no step lost or logged twice
+        for (sa, va), (sb, vb) in zip(a[k], b[k], strict=True):
+            assert sa == sb and ((math.isnan(va) and math.isnan(vb)) or va == vb), k
+    ledger = [json.loads(x) for x in open(tmp_path / "resumed" / "rollout_ledger.jsonl")]
+    straight_ledger = [json.loads(x) for x in open(tmp_path / "straight" /
+                                                    "rollout_ledger.jsonl")]
+    assert [r["step"] for r in ledger] == [0, 1, 2, 3]
+    assert [r["episodes"] for r in ledger] == [r["episodes"] for r in straight_ledger]
+
     # each trainer logs to its own run folder's store (mlflow.set_tracking_uri exports
     # MLFLOW_TRACKING_URI; the tracker must not let the first store capture later trainers)
-    assert "straight" in straight.tracker.uri and "resumed" in second.tracker.uri
+    assert "straight" in straight.tracker.uri and "resumed" in last.tracker.uri
     assert os.environ.get("MLFLOW_TRACKING_URI") is None
-    # the resumed run continued the same MLflow run: 4 steps of metrics there
-    client = second.tracker.client
-    steps = sorted(m.step for m in client.get_metric_history(second.tracker.run_id,
-                                                             "rollout/reward/mean"))
-    assert steps == [1, 2, 3, 4]
-    assert client.get_run(second.tracker.run_id).info.status == "FINISHED"
+    # every attempt continued the same MLflow run, which ends FINISHED
+    assert t.tracker.run_id == last.tracker.run_id
+    assert last.tracker.client.get_run(last.tracker.run_id).info.status == "FINISHED"
     # the adapter was exported
     assert os.path.exists(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
 

@@ -5,6 +5,9 @@ fingerprint of the model/LoRA config that a resume must match)."""
 from __future__ import annotations
 
 import os
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -13,6 +16,11 @@ import numpy as np
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is corrupt, unreadable or does not fit the current config."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A readable checkpoint of a different model, LoRA or optimizer configuration: resuming
+    stops here rather than falling back to an older checkpoint of the same folder."""
 
 
 class Checkpoints:
@@ -50,6 +58,50 @@ class Checkpoints:
         self.mngr.wait_until_finished()
         return os.path.join(self.directory, str(step))
 
+    def steps(self) -> list[int]:
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(self.mngr.all_steps())
+
+    def restore_latest(self, like: Any, *, check: Callable[[dict[str, Any]], None] | None = None,
+                       say: Callable[[str], None] | None = None
+                       ) -> tuple[dict[str, Any], Any] | None:
+        """``(meta, arrays)`` of the newest usable checkpoint, or ``None`` when there is none.
+
+        A newer checkpoint that is incomplete (a write cut short: an empty or partial folder)
+        or unreadable is moved aside to ``<directory>_unusable/`` with a message, and the next
+        older one is tried. ``check(meta)`` may raise :class:`IncompatibleCheckpoint` (a
+        checkpoint of another configuration), which is raised as is: that is the user's folder
+        mix-up, not damage. If every checkpoint is unusable, :class:`CheckpointError` lists why.
+        """
+        problems = []
+        for step in reversed(self.steps()):
+            try:
+                meta = self.meta(step)
+                if check is not None:
+                    check(meta)
+                return meta, self.restore(step, like)
+            except IncompatibleCheckpoint:
+                raise
+            except CheckpointError as e:
+                problems.append(str(e))
+                if say is not None:
+                    say(f"checkpoint step {step} is incomplete or unreadable ({str(e)[:300]}); "
+                        "moving it aside and trying the previous one")
+                self._move_aside(step)
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {self.directory} (moved to "
+                                  f"{self.directory}_unusable): " + " | ".join(problems))
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst_dir = self.directory + "_unusable"
+        os.makedirs(dst_dir, exist_ok=True)
+        if os.path.exists(src):
+            shutil.move(src, os.path.join(dst_dir, f"{step}-{int(time.time())}"))
+        self._mngr = None  # the manager caches the step list
+
     def latest_meta(self) -> dict[str, Any] | None:
         step = self.latest_step()
         if step is None:
@@ -77,7 +129,7 @@ class Checkpoints:
         leaves, treedef = jax.tree.flatten(like)
         meta = self.meta(step)
         if meta["num_leaves"] != len(leaves):
-            raise CheckpointError(
+            raise IncompatibleCheckpoint(
                 f"checkpoint step {step} in {self.directory} holds {meta['num_leaves']} arrays "
                 f"but this trainer state has {len(leaves)}: incompatible (a different LoRA "
                 "target set or optimizer?)")
@@ -95,7 +147,7 @@ class Checkpoints:
         for i, x in enumerate(leaves):
             a = arrays[f"{i:05d}"]
             if tuple(a.shape) != tuple(np.shape(x)):
-                raise CheckpointError(f"checkpoint step {step}: array {i} has shape "
+                raise IncompatibleCheckpoint(f"checkpoint step {step}: array {i} has shape "
                                       f"{tuple(a.shape)}, the trainer expects {np.shape(x)}")
             new.append(jax.numpy.asarray(a, dtype=np.asarray(x).dtype))
         return jax.tree.unflatten(treedef, new)

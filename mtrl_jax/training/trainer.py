@@ -16,8 +16,18 @@ One step (:meth:`MultiTurnRLTrainer.train_step`), top to bottom::
 Every ``eval_interval`` steps the fixed validation split is played and scored by
 :mod:`mtrl_jax.evaluation.metrics` (the same play and definitions as ``mtrl eval``); episodes
 whose reward and strict score disagree are logged as traces. Checkpoints (orbax) hold the LoRA
-weights, optimizer state, step, RNG seed and data position; resuming is exact on CPU. Ctrl-C saves
-a checkpoint and marks the run KILLED.
+weights, optimizer state, step, RNG seed and data position; resuming is exact on CPU.
+
+Interruption: a step's results (weights, optimizer state, step counter, data position, ledger
+line, metrics) are committed together at its end, so SIGINT (Ctrl-C) or SIGTERM at any point --
+rollouts, update, validation, checkpoint write -- saves a checkpoint of the last committed step
+(a signal during the commit or a checkpoint write is held until it is done), marks the run
+KILLED, and a resume replays exactly the steps that were lost. Resume skips a newest checkpoint
+that is incomplete or unreadable (with a message) and uses the previous one.
+
+One run per output folder: the trainer holds ``<output_dir>/.mtrl.lock`` while it lives (see
+:mod:`mtrl_jax.training.run_lock`); a fresh start (``resume=False``) over a folder that holds
+another run's checkpoints is refused unless ``on_existing`` says to archive or overwrite them.
 
 The trainer's ``lora`` is the one source of truth of the policy's weights: the rollout source
 and the trainer's own sampler (validation, export) receive copies of each version.
@@ -25,13 +35,18 @@ and the trainer's own sampler (validation, export) receive copies of each versio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -46,16 +61,70 @@ from mtrl_jax.rollout.runner import RolloutRunner, base_fingerprint, build_polic
 from mtrl_jax.rollout.sources import RolloutSource, StepRollout, make_rollout_source
 from mtrl_jax.rollout.trajectory import Trajectory
 from mtrl_jax.tracking import make_tracker
+from mtrl_jax.training import run_lock
 from mtrl_jax.training.batch import (
     advantage_inputs,
     compute_step_advantages,
     episode_segments,
     pack_for_update,
 )
-from mtrl_jax.training.checkpointing import CheckpointError, Checkpoints
+from mtrl_jax.training.checkpointing import CheckpointError, Checkpoints, IncompatibleCheckpoint
+from mtrl_jax.training.run_lock import RunLockError
 from mtrl_jax.training.update import Updater, make_optimizer
 
-__all__ = ["CheckpointError", "MultiTurnRLTrainer", "build_policy"]
+__all__ = ["CheckpointError", "MultiTurnRLTrainer", "RunLockError", "TrainingInterrupted",
+           "build_policy"]
+
+#: what a fresh start (resume=False) moves away from its output folder
+_RUN_FILES = ("checkpoints", "checkpoints_unusable", "rollout_ledger.jsonl", "adapter", "merged",
+              "config.json")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :meth:`MultiTurnRLTrainer.train` (a checkpoint was saved)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT/SIGTERM raise :class:`TrainingInterrupted` where the trainer can stop at once;
+    inside :meth:`held` (a step's commit, a checkpoint write) they wait until it is done."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False  # Python delivers signals to the main thread only
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = signum
+            return
+        raise TrainingInterrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise TrainingInterrupted(signum)
 
 
 class MultiTurnRLTrainer:
@@ -71,9 +140,12 @@ class MultiTurnRLTrainer:
         family (``make_env(task) -> Environment``, one per episode).
       rollout_source: a ready :class:`~mtrl_jax.rollout.sources.RolloutSource` instead of the
         one the recipe chooses (e.g. replayed episodes in tests).
-      resume: ``"auto"`` resumes from the newest checkpoint in ``output_dir`` when there is
-        one; ``False`` starts fresh (existing checkpoints are left alone but later ones
-        overwrite them).
+      resume: ``"auto"`` resumes from the newest usable checkpoint in ``output_dir`` when
+        there is one; ``False`` starts fresh at step 0.
+      on_existing: what a fresh start (``resume=False``) does with another run's checkpoints
+        in ``output_dir``: ``"refuse"`` (raise :class:`RunLockError` saying so), ``"archive"``
+        (move that run's checkpoints, ledger, adapter and config to
+        ``output_dir/archive/<UTC time>/``) or ``"overwrite"`` (delete them).
       verbose: print progress lines.
       **kw: more overrides; ``rollout__group_size=4`` means ``rollout.group_size=4``.
     """
@@ -87,7 +159,9 @@ class MultiTurnRLTrainer:
                  test_tasks: Sequence[Task] | None = None,
                  make_env: Callable[[Task], Environment] | None = None,
                  rollout_source: RolloutSource | None = None,
-                 resume: bool | str = "auto", verbose: bool = True, **kw):
+                 resume: bool | str = "auto",
+                 on_existing: Literal["refuse", "archive", "overwrite"] = "refuse",
+                 verbose: bool = True, **kw):
         if config is None:
             kw = {k.replace("__", "."): v for k, v in kw.items()}
             config = load_config(recipe, overrides, **kw)
@@ -98,9 +172,19 @@ class MultiTurnRLTrainer:
         if make_env is not None and c.data.reward is not None:
             raise ValueError("data.reward chooses among a task family's rewards; a custom "
                              "make_env defines its own reward (leave data.reward unset)")
-        os.makedirs(c.output_dir, exist_ok=True)
-        with open(os.path.join(c.output_dir, "config.json"), "w") as f:
-            json.dump(c.to_dict(), f, indent=2)
+        if on_existing not in ("refuse", "archive", "overwrite"):
+            raise ValueError(f"on_existing must be 'refuse', 'archive' or 'overwrite', got "
+                             f"{on_existing!r}")
+        self._signals = _Signals()
+        run_lock.acquire(c.output_dir, say=self._say)
+        try:
+            if not resume or resume == "never":
+                self._clear_old_run(on_existing)
+            with open(os.path.join(c.output_dir, "config.json"), "w") as f:
+                json.dump(c.to_dict(), f, indent=2)
+        except BaseException:
+            run_lock.release(c.output_dir)
+            raise
 
         d = c.data
         self.make_env = make_env
@@ -119,7 +203,39 @@ class MultiTurnRLTrainer:
             self._build(tracking_uri, resume)
         except BaseException:
             self.source.close()  # workers launched above must not outlive a failed constructor
+            run_lock.release(c.output_dir)
             raise
+
+    def _clear_old_run(self, on_existing: str) -> None:
+        """A fresh start: another run's checkpoints must not be resumed by a later plain run."""
+        out = self.config.output_dir
+        ck = Checkpoints(os.path.join(out, "checkpoints"))
+        steps = ck.steps() if os.path.isdir(ck.directory) else []
+        if not steps:
+            return
+        if on_existing == "refuse":
+            raise RunLockError(
+                f"output_dir {out} holds another run's checkpoints (steps {steps}); a fresh "
+                "start would mix with them and a later resume would pick up the wrong run. "
+                "Resume it instead (drop --no-resume / resume=False), use another output_dir, "
+                "or pass --archive-old (on_existing='archive') or --overwrite "
+                "(on_existing='overwrite').")
+        if on_existing == "archive":
+            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+            dest = os.path.join(out, "archive", stamp)
+            os.makedirs(dest, exist_ok=True)
+            for name in _RUN_FILES:
+                if os.path.exists(os.path.join(out, name)):
+                    shutil.move(os.path.join(out, name), os.path.join(dest, name))
+            self._say(f"archived the previous run's checkpoints (steps {steps}) to {dest}")
+        else:
+            for name in _RUN_FILES:
+                p = os.path.join(out, name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.remove(p)
+            self._say(f"deleted the previous run's checkpoints (steps {steps}) in {out}")
 
     def _build(self, tracking_uri: str | None, resume: bool | str) -> None:
         c = self.config
@@ -140,10 +256,16 @@ class MultiTurnRLTrainer:
         self.checkpoints = Checkpoints(os.path.join(c.output_dir, "checkpoints"))
         run_id = None
         if resume and resume != "never":
-            meta = self.checkpoints.latest_meta()
-            if meta is not None:
-                self._restore(meta)
+            found = self.checkpoints.restore_latest((self.lora, self.opt_state),
+                                                    check=self._check_fingerprint,
+                                                    say=self._say)
+            if found is not None:
+                meta, (self.lora, self.opt_state) = found
+                self.step = int(meta["step"])
+                self.data_pos = int(meta["data_pos"])
                 run_id = meta.get("run_id", meta.get("mlflow_run_id"))
+                self._trim_ledger()
+                self._say(f"resumed from step {self.step} ({self.checkpoints.directory})")
         self.tracker = make_tracker(c.tracker, output_dir=c.output_dir,
                                     experiment_name=c.experiment_name, run_name=c.run_name,
                                     run_id=run_id, tracking_uri=tracking_uri)
@@ -192,7 +314,10 @@ class MultiTurnRLTrainer:
     # ------------------------------------------------------------------ one step
 
     def train_step(self) -> dict[str, float]:
-        """One step of the loop (see the module docstring); returns its metrics."""
+        """One step of the loop (see the module docstring); logs and returns its metrics.
+
+        Nothing of the trainer's state changes until the step's end, where weights, optimizer
+        state, step, data position, ledger line and metrics are committed together."""
         c = self.config
         step = self.step
         t0 = time.perf_counter()
@@ -201,11 +326,9 @@ class MultiTurnRLTrainer:
         # rollouts
         roll = self.source.episodes(step)
         tasks = self._tasks_for(step)
-        self.data_pos += len(tasks)
         trajs = roll.trajectories
         if [t.group_id for t in trajs[::c.rollout.group_size]] != [t.id for t in tasks]:
             raise RuntimeError(f"step {step}: the rollout's tasks are not the step's tasks")
-        self._ledger(step, roll)
         t_roll = time.perf_counter() - t0
 
         # rewards -> advantages
@@ -220,15 +343,12 @@ class MultiTurnRLTrainer:
             batch = pack_for_update(segments, c.packing.row_lengths,
                                     row_multiple=c.packing.row_multiple,
                                     mini_batches=c.optimizer.mini_batches)
-            self.lora, self.opt_state, train_metrics = self.updater(
+            lora, opt_state, train_metrics = self.updater(
                 self.lora, self.opt_state, self.base, batch)
         else:  # every episode failed: nothing to learn from
+            lora, opt_state = self.lora, self.opt_state
             train_metrics = {"train/skipped_updates": 0.0, "train/tokens": 0.0}
         t_train = time.perf_counter() - t1
-
-        # publish the new version
-        self.step += 1
-        self.source.publish(self.step, self.lora)
 
         # metrics
         metrics = {f"rollout/{k}": v for k, v in episode_metrics(trajs).items()}
@@ -250,8 +370,18 @@ class MultiTurnRLTrainer:
         })
         if "worker" in roll.info and roll.info["worker"] != -1:
             metrics["async/worker_rollout_s"] = roll.seconds
-        for traj in trajs[:c.trace_samples_per_step]:
-            self.tracker.log_trajectory(traj, step=step, kind="train")
+
+        # commit the step and publish the new version (a signal waits until it is done)
+        with self._signals.held():
+            self.lora, self.opt_state = lora, opt_state
+            self.step = step + 1
+            self.data_pos += len(tasks)
+            self._ledger(step, roll)
+            self.tracker.log_metrics(metrics, self.step)
+            for traj in trajs[:c.trace_samples_per_step]:
+                self.tracker.log_trajectory(traj, step=step, kind="train")
+            self.history.append(metrics)
+            self.source.publish(self.step, self.lora)
         return metrics
 
     def _staleness_metrics(self, trajs: list[Trajectory], step: int) -> dict[str, float]:
@@ -272,6 +402,23 @@ class MultiTurnRLTrainer:
             m[f"async/staleness/hist_{j}"] = float(np.mean(arr == j))
         return m
 
+    def _ledger_path(self) -> str:
+        return os.path.join(self.config.output_dir, "rollout_ledger.jsonl")
+
+    def _trim_ledger(self) -> None:
+        """On resume at step s: the ledger keeps the lines of steps < s (later ones were not
+        saved and are trained again)."""
+        path = self._ledger_path()
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] < self.step]
+        if len(keep) != len(lines):
+            with open(path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
+
     def _ledger(self, step: int, roll: StepRollout) -> None:
         """One line per consumed step in ``rollout_ledger.jsonl``: which episodes (task sample
         ids) training used, from which worker attempt and policy versions."""
@@ -279,7 +426,7 @@ class MultiTurnRLTrainer:
         rec = {"step": step, "worker": info.get("worker"), "attempt": info.get("attempt"),
                "start_version": info.get("start_version"),
                "episodes": [t.episode_id for t in roll.trajectories]}
-        with open(os.path.join(self.config.output_dir, "rollout_ledger.jsonl"), "a") as f:
+        with open(self._ledger_path(), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     # ------------------------------------------------------------------ evaluation
@@ -317,12 +464,13 @@ class MultiTurnRLTrainer:
                              tag=split, progress=self._say if self.verbose else None)
         m = {f"{split}/{k}": x for k, x in play_metrics(play, v.success_threshold).items()}
         self.last_eval = play
-        if log_traces:
-            bad = [t for t in play.episodes if disagrees(t, v.success_threshold)]
-            for t in bad[:v.max_disagreement_traces]:
-                self.tracker.log_trajectory(t, step=step, kind=f"{split}_disagreement")
-        if log_metrics:
-            self.tracker.log_metrics(m, step)
+        with self._signals.held():  # all of the evaluation's records, or none
+            if log_traces:
+                bad = [t for t in play.episodes if disagrees(t, v.success_threshold)]
+                for t in bad[:v.max_disagreement_traces]:
+                    self.tracker.log_trajectory(t, step=step, kind=f"{split}_disagreement")
+            if log_metrics:
+                self.tracker.log_metrics(m, step)
         return m
 
     # ------------------------------------------------------------------ the run
@@ -332,36 +480,46 @@ class MultiTurnRLTrainer:
         history of the steps run here."""
         c = self.config
         status = "FINISHED"
+        self._signals.install()
         try:
-            if c.eval_interval and self.step == 0 and not self._has_val(0):
-                self._log_eval(self.evaluate("val", step=0))
+            # validation due at the current step and not yet logged (step 0, or a resume after
+            # an interruption during validation)
+            if (c.eval_interval and self.step % c.eval_interval == 0
+                    and not self._has_val(self.step)):
+                self._log_eval(self.evaluate("val", step=self.step))
             if self.step < c.steps:
                 self._start_source()
             while self.step < c.steps:
-                metrics = self.train_step()
+                metrics = self.train_step()  # logged and in self.history when it returns
                 step = self.step  # steps done
                 if c.eval_interval and step % c.eval_interval == 0:
-                    metrics.update(self.evaluate("val", step=step, log_metrics=False))
-                self.tracker.log_metrics(metrics, step)
-                self.history.append(metrics)
+                    metrics.update(self.evaluate("val", step=step))
                 self._progress(metrics)
                 if c.checkpoint_interval and step % c.checkpoint_interval == 0:
                     self.save_checkpoint()
             if c.steps and self.checkpoints.latest_step() != self.step:
                 self.save_checkpoint()
             self.export()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             status = "KILLED"
-            print(f"\n[mtrl] interrupted at step {self.step}: saving a checkpoint",
-                  file=sys.stderr)
-            self.save_checkpoint()
+            what = e.args[0] if isinstance(e, TrainingInterrupted) else "interrupt"
+            if self.step > 0 and self.checkpoints.latest_step() != self.step:
+                print(f"\n[mtrl] {what} at step {self.step}: saving a checkpoint",
+                      file=sys.stderr, flush=True)
+                self.save_checkpoint()
+            else:
+                print(f"\n[mtrl] {what} at step {self.step} (its checkpoint is saved)",
+                      file=sys.stderr, flush=True)
             raise
         except BaseException:
             status = "FAILED"
             raise
         finally:
-            self.source.close()
-            self.tracker.end(status)
+            try:
+                self.source.close()
+                self.tracker.end(status)
+            finally:
+                self._signals.restore()
         return self.history
 
     def _has_val(self, step: int) -> bool:
@@ -396,26 +554,23 @@ class MultiTurnRLTrainer:
                 "optimizer": dataclasses.asdict(c.optimizer)}
 
     def save_checkpoint(self) -> str:
-        meta = {"step": self.step, "data_pos": self.data_pos, "seed": self.config.seed,
-                "run_id": getattr(getattr(self, "tracker", None), "run_id", None),
-                "fingerprint": json.loads(json.dumps(self._fingerprint()))}
-        return self.checkpoints.save(self.step, (self.lora, self.opt_state), meta)
+        """Save the committed state (a signal meanwhile waits until the write is done)."""
+        with self._signals.held():
+            meta = {"step": self.step, "data_pos": self.data_pos, "seed": self.config.seed,
+                    "run_id": getattr(getattr(self, "tracker", None), "run_id", None),
+                    "fingerprint": json.loads(json.dumps(self._fingerprint()))}
+            return self.checkpoints.save(self.step, (self.lora, self.opt_state), meta)
 
-    def _restore(self, meta: dict[str, Any]) -> None:
+    def _check_fingerprint(self, meta: dict[str, Any]) -> None:
         fp = json.loads(json.dumps(self._fingerprint()))
         old = meta.get("fingerprint", {})
         diffs = [f"{sec}.{k}: checkpoint {old.get(sec, {}).get(k)!r} vs config {v!r}"
                  for sec in ("model", "lora") for k, v in fp[sec].items()
                  if old.get(sec, {}).get(k) != v]
         if diffs:
-            raise CheckpointError(
+            raise IncompatibleCheckpoint(
                 f"checkpoint step {meta['step']} in {self.checkpoints.directory} is "
                 "incompatible with this config: " + "; ".join(diffs))
-        self.lora, self.opt_state = self.checkpoints.restore(
-            meta["step"], (self.lora, self.opt_state))
-        self.step = int(meta["step"])
-        self.data_pos = int(meta["data_pos"])
-        self._say(f"resumed from step {self.step} ({self.checkpoints.directory})")
 
     def export(self) -> dict[str, str]:
         """Write the PEFT adapter (and the merged checkpoint when ``export_merged``)."""
@@ -432,5 +587,9 @@ class MultiTurnRLTrainer:
         return out
 
     def close(self) -> None:
-        self.source.close()
-        self.runner.close()
+        """Stop the rollout source and the sampler, and release the output folder's lock."""
+        try:
+            self.source.close()
+            self.runner.close()
+        finally:
+            run_lock.release(self.config.output_dir)
