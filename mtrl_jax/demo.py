@@ -297,7 +297,8 @@ def run_demo(*, seeds: list[int] | tuple[int, ...] = (0,), output_dir: str = "ru
         run_dir = os.path.join(output_dir, f"seed{seed}")
         trainer = MultiTurnRLTrainer(DEMO_RECIPE, overrides=[
             f"model.path={base}", f"seed={seed}", f"output_dir={run_dir}",
-            f"run_name=demo-seed{seed}", *(overrides or [])], resume=False, verbose=verbose)
+            f"run_name=demo-seed{seed}", *(overrides or [])], resume=False,
+            on_existing="overwrite", verbose=verbose)
         before = trainer.evaluate("test", step=0)
         t0 = time.perf_counter()
         trainer.train()

@@ -500,6 +500,21 @@ def _sql_tasks(name, split, n, seed):
     return out
 
 
+def format_sql_result(result: dict[str, Any], max_rows: int) -> str:
+    """What ``run_sql`` answers: the query result as JSON (blobs as hex); a result cut by the
+    sandbox's row limit or byte budget starts with a ``note`` saying how many rows it shows
+    and why (first, so a further cut of the text by the agent loop keeps it)."""
+    if result.get("truncated"):
+        shown = len(result["rows"])
+        limit = (f"the {result['max_bytes']}-byte result budget"
+                 if result.get("truncated_by") == "bytes" else f"the {max_rows}-row limit")
+        result = {"note": (
+            f"truncated: showing {shown} row{'' if shown == 1 else 's'}; the result has more "
+            f"(cut at {limit}); narrow the query (WHERE, LIMIT, aggregates, fewer or shorter "
+            "columns) to see the rest"), **result}
+    return json.dumps(result, default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
+
+
 class SQLEnvironment(Environment):
     """A fresh in-memory database per rollout (locked down: see ``SQLiteSandbox``)."""
 
@@ -525,7 +540,7 @@ class SQLEnvironment(Environment):
             import sqlite3
 
             try:
-                return json.dumps(env.db.query(query))
+                return format_sql_result(env.db.query(query), env.db.max_rows)
             except sqlite3.Error as e:
                 return f"Error: {e}"
 

@@ -8,29 +8,54 @@
   ``format_weight``).
 - :func:`reward_audit` scores the same answers with a reward and with the strict scorer and
   lists where they disagree -- a reward more lenient than the evaluation gets hacked.
+
+All of them are safe against adversarial answers: time linear in the answer's length (unclosed
+tags included), and no recursion limit reachable (an answer nested deeper than
+:data:`~mtrl_jax.envs.tools.MAX_JSON_DEPTH` brackets is unparseable, so scores 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from json.encoder import encode_basestring
 from typing import Any
 
-_FINAL = re.compile(r"<final_output>(.*?)</final_output>", re.DOTALL)
+from mtrl_jax.envs.tools import MAX_JSON_DEPTH, json_text_too_deep, nesting_exceeds
+
+FINAL_OPEN = "<final_output>"
+FINAL_CLOSE = "</final_output>"
+
+
+def _last_final_block(text: str) -> str | None:
+    """The body of the last ``<final_output>...</final_output>`` block: what the last match of
+    the lazy regex ``<final_output>(.*?)</final_output>`` (DOTALL) holds, found by a linear scan
+    (each opener, then the first closer after it; an opener without a closer means that no
+    closer follows, so the scan stops) instead of the regex's rescans for unclosed openers."""
+    last, pos = None, 0
+    while (start := text.find(FINAL_OPEN, pos)) >= 0:
+        body_start = start + len(FINAL_OPEN)
+        end = text.find(FINAL_CLOSE, body_start)
+        if end < 0:
+            break
+        last, pos = (body_start, end), end + len(FINAL_CLOSE)
+    return None if last is None else text[last[0]:last[1]]
 
 
 def extract_final_output(text: str | None) -> dict[str, Any] | None:
-    """The JSON object inside the last ``<final_output>`` block, or ``None``."""
+    """The JSON object inside the last ``<final_output>`` block, or ``None`` (also for JSON
+    nested deeper than ``MAX_JSON_DEPTH``)."""
     if not text:
         return None
-    blocks = _FINAL.findall(text)
-    if not blocks:
+    block = _last_final_block(text)
+    if block is None:
         return None
-    body = blocks[-1].strip()
+    body = block.strip()
     if body.startswith("```"):  # tolerate a fenced block inside the tags
         body = body.strip("`").removeprefix("json").strip()
+    if json_text_too_deep(body):  # refused before json.loads: no recursion limit is reachable
+        return None
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, RecursionError, ValueError):
@@ -46,10 +71,104 @@ def normalize(value: Any) -> str:
     elif value is None:
         text = "null"
     elif isinstance(value, dict | list):
-        text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        if nesting_exceeds(value, MAX_JSON_DEPTH):  # never from a parsed answer; no recursion
+            text = _json_text(value)
+        else:
+            text = json.dumps(value, sort_keys=True, ensure_ascii=False)
     else:
         text = str(value)
     return " ".join(text.split()).lower()
+
+
+def _json_float(x: float) -> str:
+    if x != x:
+        return "NaN"
+    if x in (float("inf"), float("-inf")):
+        return "Infinity" if x > 0 else "-Infinity"
+    return float.__repr__(x)
+
+
+def _json_scalar(value: Any) -> str:
+    """What ``json.dumps(value, ensure_ascii=False)`` writes for a non-container."""
+    if isinstance(value, str):
+        return encode_basestring(value)
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return _json_float(value)
+    return json.dumps(value, ensure_ascii=False)  # raises TypeError, as json.dumps does
+
+
+def _json_key(key: Any) -> str:
+    """A dict key as ``json.dumps`` writes it (str, float, bool/None, int; else TypeError)."""
+    if isinstance(key, str):
+        return encode_basestring(key)
+    if isinstance(key, float):
+        return encode_basestring(_json_float(key))
+    if key is True or key is False or key is None:
+        return encode_basestring(_json_scalar(key))
+    if isinstance(key, int):
+        return encode_basestring(int.__repr__(key))
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+def _first(item: tuple[Any, Any]) -> Any:
+    return item[0]
+
+
+def _json_text(value: Any) -> str:
+    """``json.dumps(value, sort_keys=True, ensure_ascii=False)`` without recursion (an explicit
+    stack), for values nested too deeply for the C encoder's recursion."""
+    parts: list[str] = []
+    active: set[int] = set()  # the containers being written: a cycle raises, as in json.dumps
+    stack: list[tuple[int, str, Iterator[Any]]] = []  # (id, closer, remaining items)
+    item, prefix = value, ""
+    while True:  # write ``prefix`` then ``item``, opening a non-empty container
+        if isinstance(item, dict | list | tuple) and item:
+            ident = id(item)
+            if ident in active:
+                raise ValueError("Circular reference detected")
+            active.add(ident)
+            if isinstance(item, dict):
+                entries = iter(sorted(item.items(), key=_first))
+                stack.append((ident, "}", entries))
+                key, item = next(entries)
+                parts.append(f"{prefix}{{{_json_key(key)}: ")
+            else:
+                entries = iter(item)
+                stack.append((ident, "]", entries))
+                item = next(entries)
+                parts.append(prefix + "[")
+            prefix = ""
+            continue
+        if isinstance(item, dict):
+            parts.append(prefix + "{}")
+        elif isinstance(item, list | tuple):
+            parts.append(prefix + "[]")
+        else:
+            parts.append(prefix + _json_scalar(item))
+        while stack:  # the next item: close the finished containers
+            ident, closer, entries = stack[-1]
+            nxt = next(entries, _DONE)
+            if nxt is not _DONE:
+                break
+            parts.append(closer)
+            active.discard(ident)
+            stack.pop()
+        else:
+            return "".join(parts)
+        if closer == "}":
+            key, item = nxt
+            prefix = f", {_json_key(key)}: "
+        else:
+            item, prefix = nxt, ", "
+
+
+_DONE = object()
 
 
 def field_matches(answer: dict[str, Any] | None, expected: dict[str, Any]) -> dict[str, bool]:

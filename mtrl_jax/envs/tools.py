@@ -28,6 +28,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
+from itertools import accumulate
 from typing import Any, Literal
 
 JSONSchema = dict[str, Any]
@@ -187,24 +188,89 @@ def tool_from_spec(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -
 
 # ------------------------------------------------------------------------------ validation
 
+#: The deepest JSON nesting (brackets) accepted from model output: a tool call's object, its
+#: arguments, a ``<final_output>`` answer. Deeper text is refused before ``json.loads`` with a
+#: format error, so no recursion limit (parsing, ``json.dumps``, ``repr``, validation, chat
+#: templates) can be reached from what a model writes.
+MAX_JSON_DEPTH = 64
 
-def _check(value: Any, schema: JSONSchema, path: str, errors: list[str]) -> None:
+_NON_BRACKET_BYTES = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_DEPTH_CHUNK = 1 << 16
+
+
+def json_text_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON ``text`` nests brackets deeper than ``limit`` (brackets inside strings do
+    not count). Linear time and no recursion: a pre-check before ``json.loads``. Exact for valid
+    JSON; for invalid JSON the answer does not matter (``json.loads`` refuses it anyway)."""
+    if text.count("[") + text.count("{") <= limit:  # the common case: a few brackets in all
+        return False
+    # Outside strings only: without its escaped backslashes and escaped quotes (a run of
+    # backslashes loses its pairs, so what is left escapes the next character), every other
+    # piece between quotes is a string's content (an unterminated string runs to the end).
+    unescaped = text.replace("\\\\", "").replace('\\"', "")
+    outside = "".join(unescaped.split('"')[::2])
+    brackets = outside.encode("utf-8", "ignore").translate(None, _NON_BRACKET_BYTES)
+    depth = 0  # running bracket depth, scanned in chunks so that a deep prefix returns early
+    for i in range(0, len(brackets), _DEPTH_CHUNK):
+        chunk = brackets[i:i + _DEPTH_CHUNK]
+        if max(accumulate(map(_BRACKET_STEP.__getitem__, chunk), initial=depth)) > limit:
+            return True
+        depth += chunk.count(b"[") + chunk.count(b"{") - chunk.count(b"]") - chunk.count(b"}")
+    return False
+
+
+def nesting_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests dicts/lists/tuples deeper than ``limit`` (``[]`` is depth 1,
+    a scalar 0); iterative, stops early, and terminates on cyclic structures."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, list | tuple):
+            children = v
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list | tuple))
+    return False
+
+
+_REPR_LIMIT = 200
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)`` for error messages: never recursion-deep, at most ~200 characters."""
+    if nesting_exceeds(value):
+        return f"<{type(value).__name__} nested deeper than {MAX_JSON_DEPTH} levels>"
+    text = repr(value)
+    return text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT] + "..."
+
+
+def _check(value: Any, schema: JSONSchema, path: str, errors: list[str], depth: int = 0) -> None:
+    # ``depth``: how many objects/arrays deep ``value`` sits inside the arguments; bounded so
+    # that a recursive schema cannot recurse as deep as a (non-parsed) value goes
+    if depth > MAX_JSON_DEPTH:
+        errors.append(f"{path}: nested deeper than {MAX_JSON_DEPTH} levels")
+        return
     if "anyOf" in schema:
         for sub in schema["anyOf"]:
             trial: list[str] = []
-            _check(value, sub, path, trial)
+            _check(value, sub, path, trial, depth)
             if not trial:
                 return
-        errors.append(f"{path}: {value!r} matches none of the allowed types")
+        errors.append(f"{path}: {_brief(value)} matches none of the allowed types")
         return
     if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
+        errors.append(f"{path}: {_brief(value)} is not one of {schema['enum']}")
         return
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind] if kind else []
     if kinds and not any(_is_type(value, k) for k in kinds):
         errors.append(f"{path}: expected {'/'.join(kinds)}, got {type(value).__name__} "
-                      f"{value!r}"[:200])
+                      f"{_brief(value)}"[:200])
         return
     if isinstance(value, dict) and ("properties" in schema or "required" in schema):
         props = schema.get("properties", {})
@@ -214,13 +280,14 @@ def _check(value: Any, schema: JSONSchema, path: str, errors: list[str]) -> None
         if schema.get("additionalProperties") is False:
             for key in value:
                 if key not in props:
-                    errors.append(f"{path}: unknown argument {key!r} (valid: {sorted(props)})")
+                    errors.append(f"{path}: unknown argument {_brief(key)} "
+                                  f"(valid: {sorted(props)})")
         for key, sub in props.items():
             if key in value:
-                _check(value[key], sub, f"{path}.{key}" if path else key, errors)
+                _check(value[key], sub, f"{path}.{key}" if path else key, errors, depth + 1)
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
-            _check(item, schema["items"], f"{path}[{i}]", errors)
+            _check(item, schema["items"], f"{path}[{i}]", errors, depth + 1)
 
 
 def _is_type(value: Any, kind: str) -> bool:

@@ -102,17 +102,36 @@ _SQLITE_READ_ONLY_OK = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLI
                         sqlite3.SQLITE_RECURSIVE}
 
 
+def _json_size(value: Any) -> int:
+    """A cheap estimate of ``value``'s size in ``json.dumps`` (no copy of the value): ASCII
+    text its length plus quotes (escapes aside), other text 6 bytes a character
+    (``\\uXXXX``), a blob as hex."""
+    if value is None:
+        return 4
+    if isinstance(value, str):
+        return len(value) + 2 if value.isascii() else 6 * len(value) + 2
+    if isinstance(value, bytes | bytearray | memoryview):
+        return 2 * len(value) + 2
+    return 24  # int, float
+
+
 class SQLiteSandbox:
     """An in-memory SQLite database for one rollout.
 
     ``setup_sql`` (trusted) creates and fills it; then an authorizer is installed that forbids
     ``ATTACH``/``DETACH`` (no other database files), every ``PRAGMA``, extension loading and --
     with ``read_only=True`` -- anything but reading. A progress handler aborts a query after
-    ``timeout_s``; results are capped at ``max_rows``.
+    ``timeout_s``. Results are fetched in small chunks and stop at ``max_rows`` rows or at
+    ``max_bytes`` (the rows' estimated size as JSON), so a huge result is never held whole; no
+    single string or blob a query produces may exceed ``max_value_bytes`` (SQLite's length
+    limit: ``string or blob too big``). The default ``max_bytes`` (about a thousand tokens)
+    stays within the agent loop's default tool-result caps.
     """
 
     def __init__(self, setup_sql: str = "", *, read_only: bool = True, timeout_s: float = 2.0,
-                 max_rows: int = 200):
+                 max_rows: int = 200, max_bytes: int = 4096, max_value_bytes: int = 1 << 20):
+        if max_rows < 1 or max_bytes < 1 or max_value_bytes < 1:
+            raise ValueError("max_rows, max_bytes and max_value_bytes must be >= 1")
         self.conn = sqlite3.connect(":memory:", check_same_thread=False)
         if hasattr(self.conn, "enable_load_extension"):  # absent when built without it
             self.conn.enable_load_extension(False)
@@ -122,6 +141,8 @@ class SQLiteSandbox:
         self.read_only = read_only
         self.timeout_s = timeout_s
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)
         self.conn.set_authorizer(self._authorize)
         self._deadline = 0.0
         self.conn.set_progress_handler(self._progress, 1000)
@@ -138,13 +159,45 @@ class SQLiteSandbox:
 
     def query(self, sql: str) -> dict[str, Any]:
         """Run one statement; returns ``{"columns", "rows", "truncated"}`` or raises
-        ``sqlite3.Error`` with SQLite's message (``not authorized``, ``interrupted``, ...)."""
+        ``sqlite3.Error`` with SQLite's message (``not authorized``, ``interrupted``, ``string
+        or blob too big``, ...).
+
+        ``rows`` are the first rows, up to ``max_rows`` and ``max_bytes`` (estimated JSON size,
+        column names included); ``truncated`` says the result had more. Stopped by the byte
+        budget, the result also holds ``"truncated_by": "bytes"`` and ``"max_bytes"`` (no rows
+        at all when the first row alone exceeds it). Rows are fetched a few at a time, sized by
+        the rows so far, and the rest are never fetched."""
         self._deadline = time.monotonic() + self.timeout_s
         cur = self.conn.execute(sql)
-        rows = cur.fetchmany(self.max_rows + 1)
-        cols = [d[0] for d in cur.description or []]
-        return {"columns": cols, "rows": [list(r) for r in rows[:self.max_rows]],
-                "truncated": len(rows) > self.max_rows}
+        try:
+            cols = [d[0] for d in cur.description or []]
+            rows: list[list[Any]] = []
+            size = 2 + sum(_json_size(c) + 1 for c in cols)
+            by: str | None = None
+            chunk = 1  # the first row sizes the next fetch
+            while by is None:
+                batch = cur.fetchmany(chunk)
+                if not batch:
+                    break
+                for row in batch:
+                    if len(rows) == self.max_rows:
+                        by = "rows"
+                        break
+                    n = 2 + sum(_json_size(v) + 1 for v in row)
+                    if size + n > self.max_bytes:
+                        by = "bytes"
+                        break
+                    rows.append(list(row))
+                    size += n
+                per_row = max(1, size // max(1, len(rows)))
+                chunk = max(1, min(256, self.max_rows + 1 - len(rows),
+                                   (self.max_bytes - size) // per_row + 1))
+        finally:
+            cur.close()
+        out: dict[str, Any] = {"columns": cols, "rows": rows, "truncated": by is not None}
+        if by == "bytes":
+            out.update(truncated_by="bytes", max_bytes=self.max_bytes)
+        return out
 
     def close(self) -> None:
         self.conn.close()

@@ -30,6 +30,7 @@ Per set of episodes (:func:`episode_metrics`; the play reports it for ``greedy/`
 ``format_errors/mean``           malformed tool calls per episode
 ``format_compliance``            share of episodes without a malformed tool call
 ``template_rewrites``            chat-template history rewrites (count)
+``tool_truncations/mean``        tool messages cut by the tool-result caps, per episode
 ``field_acc``, ``field/<name>``  the reward's per-field accuracy, where it reports one
 ==============================  ==============================================================
 
@@ -95,6 +96,7 @@ def episode_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
         "format_errors/mean": sum(t.format_errors for t in trajs) / n,
         "format_compliance": sum(t.format_errors == 0 for t in trajs) / n,
         "template_rewrites": float(sum(t.template_rewrites for t in trajs)),
+        "tool_truncations/mean": sum(t.truncated_tool_results for t in trajs) / n,
     }
     for name, count in sorted(Counter(c.name for c in calls).items()):
         m[f"tool_calls/{name}"] = count / n

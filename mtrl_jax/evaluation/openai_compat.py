@@ -15,6 +15,7 @@ turn is sampled, and ``<tool_call>`` blocks come back as OpenAI ``tool_calls``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -26,6 +27,8 @@ from typing import Any
 
 from mtrl_jax.envs.base import Environment, Episode, Task, ToolError
 from mtrl_jax.envs.scoring import strict_score
+from mtrl_jax.envs.tools import MAX_JSON_DEPTH, json_text_too_deep
+from mtrl_jax.rollout.agent_loop import cap_tool_text
 from mtrl_jax.rollout.parsing import ToolCall, parse_tool_calls
 from mtrl_jax.rollout.trajectory import ToolCallRecord, Trajectory
 
@@ -62,9 +65,12 @@ class OpenAIChatClient:
 
 async def run_reference_episode(client: OpenAIChatClient, env: Environment, task: Task, *,
                                 max_turns: int, temperature: float, max_tokens: int,
-                                episode_id: str | None = None) -> Trajectory:
+                                episode_id: str | None = None,
+                                max_tool_result_bytes: int = 16384) -> Trajectory:
     """One text-level episode against the endpoint; scored like any other (strict score filled
-    in when the task has expected fields). Never raises for endpoint or tool errors."""
+    in when the task has expected fields). Never raises for endpoint or tool errors. A tool
+    message longer than ``max_tool_result_bytes`` of UTF-8 is cut, with a note (the endpoint's
+    tokenizer is not ours: no token cap here)."""
     episode_id = episode_id or uuid.uuid4().hex
     t0 = time.perf_counter()
     api: list[dict[str, Any]] = []    # the conversation as the endpoint sees it
@@ -100,7 +106,11 @@ async def run_reference_episode(client: OpenAIChatClient, env: Environment, task
             for c in calls:
                 name = c["function"]["name"]
                 try:
-                    args = json.loads(c["function"].get("arguments") or "{}")
+                    raw_args = c["function"].get("arguments") or "{}"
+                    if json_text_too_deep(raw_args):
+                        raise ValueError(f"arguments nest JSON deeper than {MAX_JSON_DEPTH} "
+                                         "levels")
+                    args = json.loads(raw_args)
                     if not isinstance(args, dict):
                         raise ValueError("arguments must be a JSON object")
                     result = await env.call_tool(ToolCall(name, args))
@@ -109,6 +119,10 @@ async def run_reference_episode(client: OpenAIChatClient, env: Environment, task
                     fmt_errors += isinstance(e, ValueError)
                     rec = ToolCallRecord(turn, name, c["function"].get("arguments"),
                                          f"Error: {e}", str(e))
+                capped = cap_tool_text(str(rec.result), max_tool_result_bytes, 1 << 62, None)
+                if capped.truncated:
+                    rec = dataclasses.replace(rec, result=capped.text, truncated=True,
+                                              result_bytes=capped.original_bytes)
                 records.append(rec)
                 api.append({"role": "tool", "tool_call_id": c.get("id", ""),
                             "content": rec.result})
@@ -153,7 +167,11 @@ def _to_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             blocks = []
             for c in m["tool_calls"]:
                 names[c.get("id", "")] = c["function"]["name"]
-                args = json.loads(c["function"].get("arguments") or "{}")
+                raw_args = c["function"].get("arguments") or "{}"
+                try:
+                    args = (raw_args if json_text_too_deep(raw_args) else json.loads(raw_args))
+                except ValueError:
+                    args = raw_args  # shown as the model wrote it
                 blocks.append("<tool_call>\n" + json.dumps(
                     {"name": c["function"]["name"], "arguments": args}) + "\n</tool_call>")
             text = (m.get("content") or "")

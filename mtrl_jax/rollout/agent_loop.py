@@ -12,6 +12,11 @@ One episode:
    arguments, exceptions, timeouts -- become tool messages. The template renders the conversation
    again and only the *new* text (after what the episode already holds) is tokenised and
    appended (loss mask 0). Earlier tokens are never re-tokenised.
+   Every tool message is capped before it is tokenised: first at ``max_tool_result_bytes`` of
+   UTF-8 (cut at a character boundary; a huge result is never tokenised whole), then at
+   ``max_tool_result_tokens`` tokens; a cut result ends with a note the model reads
+   (``[tool result truncated: showing 16384 of 41943040 bytes (byte cap)]``), its record says
+   ``truncated`` and the trajectory counts it (``truncated_tool_results``).
 4. Stop on an answer, ``max_turns``, a turn that hits ``sampling_max_tokens`` without its stop
    token, or the context limit. ``env.reward(episode)`` scores it; ``env.teardown()`` runs in
    ``finally`` whatever happened (cancellation included).
@@ -33,7 +38,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from mtrl_jax.envs.base import Environment, Episode, Task, ToolError
+from mtrl_jax.envs.base import Environment, Episode, Task, ToolError, format_tool_result
 from mtrl_jax.rollout.parsing import parse_tool_calls
 from mtrl_jax.rollout.sampler import Sampler
 from mtrl_jax.rollout.trajectory import Sample, ToolCallRecord, Trajectory
@@ -42,22 +47,114 @@ from mtrl_jax.rollout.trajectory import Sample, ToolCallRecord, Trajectory
 @dataclasses.dataclass(frozen=True)
 class AgentLoopConfig:
     """``max_turns`` assistant turns; ``sampling_max_tokens`` per turn; ``max_context_tokens``
-    for the whole sample; what to do when the template rewrites history."""
+    for the whole sample; what to do when the template rewrites history; the caps on each tool
+    message the model reads (``max_tool_result_bytes`` of UTF-8, then
+    ``max_tool_result_tokens``; the truncation note comes on top)."""
 
     max_turns: int = 8
     sampling_max_tokens: int = 256
     max_context_tokens: int = 4096
     on_template_rewrite: Literal["new_sample", "fail"] = "new_sample"
+    max_tool_result_bytes: int = 16384
+    max_tool_result_tokens: int = 1024
 
     def __post_init__(self):
         if self.max_turns < 1 or self.sampling_max_tokens < 1 or self.max_context_tokens < 2:
             raise ValueError("max_turns, sampling_max_tokens and max_context_tokens must be >= 1")
         if self.on_template_rewrite not in ("new_sample", "fail"):
             raise ValueError("on_template_rewrite must be 'new_sample' or 'fail'")
+        for name in ("max_tool_result_bytes", "max_tool_result_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def from_rollout(cls, rollout, **overrides) -> AgentLoopConfig:
+        """The config of a recipe's ``rollout`` section (:class:`~mtrl_jax.config.RolloutSection`:
+        turn, token and context budgets, the tool-result caps), with ``overrides``."""
+        fields = ("max_turns", "sampling_max_tokens", "max_context_tokens",
+                  "max_tool_result_bytes", "max_tool_result_tokens")
+        return cls(**{**{f: getattr(rollout, f) for f in fields}, **overrides})
 
 
 class TemplateRewriteError(RuntimeError):
     pass
+
+
+# ---------------------------------------------------------------------- tool-result caps
+
+_ENCODE_CHUNK = 1 << 20  # characters encoded at a time when measuring a huge non-ASCII text
+
+
+@dataclasses.dataclass(frozen=True)
+class CappedText:
+    """A tool message as the model reads it: ``text`` (with the note when cut), the cap that
+    cut it (``truncated_by``: ``"bytes"`` or ``"tokens"``, None when whole) and the original
+    UTF-8 size."""
+
+    text: str
+    truncated_by: Literal["bytes", "tokens"] | None
+    original_bytes: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncated_by is not None
+
+
+def utf8_size(text: str) -> int:
+    """UTF-8 bytes of ``text`` (lone surrogates count 3) without encoding it whole at once."""
+    if text.isascii():
+        return len(text)
+    return sum(len(text[i:i + _ENCODE_CHUNK].encode("utf-8", "surrogatepass"))
+               for i in range(0, len(text), _ENCODE_CHUNK))
+
+
+def utf8_prefix(text: str, max_bytes: int) -> str:
+    """The longest prefix of ``text`` of at most ``max_bytes`` UTF-8 bytes, cut at a character
+    boundary; only the first ``max_bytes`` characters are ever encoded."""
+    if text.isascii():
+        return text[:max_bytes]
+    head = text[:max_bytes].encode("utf-8", "surrogatepass")
+    if len(head) <= max_bytes:
+        return text[:max_bytes]
+    cut = max_bytes
+    while cut > 0 and (head[cut] & 0xC0) == 0x80:  # back to the first byte of a character
+        cut -= 1
+    return head[:cut].decode("utf-8", "surrogatepass")
+
+
+def cap_tool_text(text: str, max_bytes: int, max_tokens: int, tokenizer) -> CappedText:
+    """``text`` cut to ``max_bytes`` of UTF-8, then to ``max_tokens`` tokens of ``tokenizer``
+    (only the byte-capped text is tokenised; ``tokenizer=None``: bytes only); a cut text gets
+    a note naming the cap and the original size, e.g. ``[tool result truncated: showing 16384
+    of 41943040 bytes (byte cap)]``."""
+    size = utf8_size(text)
+    cut_by: Literal["bytes", "tokens"] | None = None
+    if size > max_bytes:
+        text, cut_by = utf8_prefix(text, max_bytes), "bytes"
+    # an ASCII text shorter than the token cap cannot exceed it (every token covers at least
+    # one character, plus at most one prefix token): no need to tokenise it
+    if tokenizer is not None and not (text.isascii() and len(text) < max_tokens):
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        if len(tokens) > max_tokens:
+            try:
+                cut = tokenizer.decode(list(tokens[:max_tokens]), skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+            except TypeError:  # a tokenizer without the option
+                cut = tokenizer.decode(list(tokens[:max_tokens]), skip_special_tokens=False)
+            # a token boundary inside a multi-byte character decodes to U+FFFD
+            while cut.endswith("\ufffd") and not text.startswith(cut):
+                cut = cut[:-1]
+            text, cut_by = cut, "tokens"
+    if cut_by is None:
+        return CappedText(text, None, size)
+    shown = utf8_size(text)
+    if cut_by == "bytes":
+        note = f"[tool result truncated: showing {shown} of {size} bytes (byte cap)]"
+    else:
+        note = (f"[tool result truncated: showing {max_tokens} tokens, {shown} of {size} bytes "
+                "(token cap)]")
+    return CappedText(f"{text}\n{note}", cut_by, size)
 
 
 @dataclasses.dataclass
@@ -116,7 +213,8 @@ class AgentLoop:
         samples: list[Sample] = []
         messages: list[dict[str, Any]] = []
         records: list[ToolCallRecord] = []
-        counters = {"format_errors": 0, "truncated_turns": 0, "template_rewrites": 0}
+        counters = {"format_errors": 0, "truncated_turns": 0, "template_rewrites": 0,
+                    "truncated_tool_results": 0}
         finish = "error"
         final_text: str | None = None
         error: str | None = None
@@ -166,10 +264,12 @@ class AgentLoop:
                 timings["tools_s"] += time.perf_counter() - t0
                 records.extend(results)
                 for rec in results:
+                    counters["truncated_tool_results"] += rec.truncated
                     messages.append({"role": "tool", "name": rec.name, "content": rec.result})
                 for err in parsed.errors:
-                    messages.append({"role": "tool", "name": "error",
-                                     "content": f"Error: {err}"})
+                    capped = self.cap_tool_result(f"Error: {err}")
+                    counters["truncated_tool_results"] += capped.truncated
+                    messages.append({"role": "tool", "name": "error", "content": capped.text})
                 if turn + 1 == self.config.max_turns:
                     break  # no turn left to read the results
                 extended = self._extend(samples, sample, text, messages, tool_schemas,
@@ -248,15 +348,29 @@ class AgentLoop:
         return new, new_text
 
     async def _run_call(self, env: Environment, call, turn: int) -> ToolCallRecord:
+        """One call; its result (or ``Error: <message>``) capped by :meth:`cap_tool_result`.
+        A capped error keeps the cut message (with the note) as ``error``."""
         t0 = time.perf_counter()
+        error = None
         try:
             result = await env.call_tool(call)
-            return ToolCallRecord(turn, call.name, call.arguments, result, None,
-                                  time.perf_counter() - t0)
+            if not isinstance(result, str):  # an environment overriding call_tool
+                result = format_tool_result(result)
+            capped = self.cap_tool_result(result)
         except ToolError as e:
-            msg = str(e)
-            return ToolCallRecord(turn, call.name, call.arguments, f"Error: {msg}", msg,
-                                  time.perf_counter() - t0)
+            capped = self.cap_tool_result(f"Error: {e}")
+            error = capped.text.removeprefix("Error: ")
+        return ToolCallRecord(turn, call.name, call.arguments, capped.text, error,
+                              time.perf_counter() - t0, truncated=capped.truncated,
+                              result_bytes=capped.original_bytes)
+
+    def cap_tool_result(self, text: str) -> CappedText:
+        """``text`` cut to ``config.max_tool_result_bytes`` UTF-8 bytes (at a character
+        boundary, before any tokenisation), then to ``config.max_tool_result_tokens`` tokens
+        (the byte-capped text tokenised and the cut decoded back); a cut text ends with a note
+        saying which cap cut it and the original size."""
+        return cap_tool_text(text, self.config.max_tool_result_bytes,
+                             self.config.max_tool_result_tokens, self.tokenizer)
 
     # ------------------------------------------------------------------ many episodes
 

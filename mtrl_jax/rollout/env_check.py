@@ -205,9 +205,14 @@ async def _run(tasks: list[Task], turns: dict[str, list[str]], max_turns: int,
     by_episode = {t.id: turns[t.id] for t in tasks}
     sampler = ScriptedSampler(
         tok, lambda eid, turn, _: by_episode[eid][min(turn, len(by_episode[eid]) - 1)], stop)
+    # budgets far above any recipe's, so the check sees the environment's own answers (and
+    # compares them with a reference) whole; results are still capped at the context budget
+    # (a longer one could not fit anyway), so a runaway tool cannot exhaust memory here
     loop = AgentLoop(tok, sampler, AgentLoopConfig(max_turns=max_turns,
                                                    sampling_max_tokens=4096,
-                                                   max_context_tokens=1 << 20))
+                                                   max_context_tokens=1 << 20,
+                                                   max_tool_result_bytes=1 << 20,
+                                                   max_tool_result_tokens=1 << 20))
     t0 = time.perf_counter()
     trajs = await asyncio.gather(*(loop.run(make_env(t, reward), t, episode_id=t.id)
                                    for t in tasks))

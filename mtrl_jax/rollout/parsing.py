@@ -7,24 +7,27 @@ A tool call is a JSON object inside ``<tool_call>...</tool_call>``::
     </tool_call>
 
 A turn may hold several. :func:`parse_tool_calls` never raises: malformed blocks (unclosed tag,
-invalid JSON, missing name, non-object arguments) come back as ``errors`` that the agent loop
-shows to the model and counts. :class:`ToolCall` is defined in :mod:`mtrl_jax.envs.tools` and
-re-exported here.
+invalid JSON, JSON nested deeper than :data:`~mtrl_jax.envs.tools.MAX_JSON_DEPTH`, missing name,
+non-object arguments) come back as ``errors`` that the agent loop shows to the model and counts.
+It takes time linear in the text's length, whatever the text (unclosed tags, deep brackets).
+:class:`ToolCall` is defined in :mod:`mtrl_jax.envs.tools` and re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
-from mtrl_jax.envs.tools import ToolCall  # re-exported: it lives with the tools (envs layer)
+from mtrl_jax.envs.tools import (
+    MAX_JSON_DEPTH,
+    ToolCall,  # re-exported: it lives with the tools (envs layer)
+    json_text_too_deep,
+)
 
 __all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ParsedTurn", "ToolCall", "parse_tool_calls"]
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
-_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,15 @@ class ParsedTurn:
         return bool(self.tool_calls or self.errors)
 
 
+def _too_deep(what: str, text: str) -> str:
+    return (f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels of brackets; "
+            f"use a flatter object: {text[:200]!r}")
+
+
 def _parse_block(body: str) -> ToolCall | str:
     text = body.strip()
+    if json_text_too_deep(text):  # refused before json.loads: no recursion limit is reachable
+        return _too_deep("tool call", text)
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
@@ -54,6 +64,8 @@ def _parse_block(body: str) -> ToolCall | str:
         return f"tool call lacks a string 'name': {text[:200]!r}"
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models emit arguments as a JSON string
+        if json_text_too_deep(args):
+            return _too_deep(f"arguments of {name!r}", args)
         try:
             args = json.loads(args) if args.strip() else {}
         except (json.JSONDecodeError, RecursionError, ValueError):
@@ -73,10 +85,17 @@ def parse_tool_calls(text: str) -> ParsedTurn:
     errors: list[str] = []
     content_parts: list[str] = []
     pos = 0
-    for m in _BLOCK.finditer(text):
-        content_parts.append(text[pos:m.start()])
-        pos = m.end()
-        parsed = _parse_block(m.group(1))
+    # linear scan (what a lazy ``<tool_call>(.*?)</tool_call>`` regex matched, without its
+    # rescans to the end of the text for each unclosed opener): each opener, then the first
+    # closer after it; an opener without a closer means no closer follows, so the scan stops
+    while (start := text.find(TOOL_CALL_OPEN, pos)) >= 0:
+        body_start = start + len(TOOL_CALL_OPEN)
+        end = text.find(TOOL_CALL_CLOSE, body_start)
+        if end < 0:
+            break
+        content_parts.append(text[pos:start])
+        pos = end + len(TOOL_CALL_CLOSE)
+        parsed = _parse_block(text[body_start:end])
         (calls if isinstance(parsed, ToolCall) else errors).append(parsed)
     rest = text[pos:]
     if TOOL_CALL_OPEN in rest:

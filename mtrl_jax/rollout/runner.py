@@ -108,9 +108,7 @@ class RolloutRunner:
         self.slots = r.batch_size * r.group_size
         self.sampler = JaxSampler(model, self.train_sampling, slots=self.slots,
                                   max_len=r.max_context_tokens, seed=config.seed)
-        self.loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig(
-            max_turns=r.max_turns, sampling_max_tokens=r.sampling_max_tokens,
-            max_context_tokens=r.max_context_tokens))
+        self.loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig.from_rollout(r))
         self._aloop = asyncio.new_event_loop()
 
     def sampling(self, temperature: float, max_tokens: int) -> SamplingParams:

@@ -58,12 +58,19 @@ class Sample:
 
 @dataclasses.dataclass
 class ToolCallRecord:
+    """One tool call. ``result`` is what the model read (``Error: ...`` for a failure), capped
+    by the agent loop's ``max_tool_result_bytes`` / ``max_tool_result_tokens``: ``truncated``
+    says it was cut (the text then ends with a note), ``result_bytes`` is the UTF-8 size of
+    the whole result before any cut (None: not measured)."""
+
     turn: int
     name: str
     arguments: Any
     result: str
     error: str | None = None  # None = success
     seconds: float = 0.0
+    truncated: bool = False
+    result_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -85,6 +92,7 @@ class Trajectory:
     format_errors: int = 0
     truncated_turns: int = 0
     template_rewrites: int = 0
+    truncated_tool_results: int = 0  # tool messages cut by the tool-result caps
     error: str | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     group_id: str | None = None
