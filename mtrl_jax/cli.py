@@ -34,22 +34,41 @@ def _env_check(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mtrl_jax.config import ConfigError
-    from mtrl_jax.training.trainer import CheckpointError, MultiTurnRLTrainer
+    from mtrl_jax.config import load_config
 
+    try:  # the recipe before the trainer's imports (seconds); a ConfigError goes up to main
+        load_config(args.recipe, args.overrides)
+    except FileNotFoundError as e:
+        print(f"mtrl train: {e}", file=sys.stderr)
+        return 2
+    from mtrl_jax.training.trainer import (
+        CheckpointError,
+        MultiTurnRLTrainer,
+        RunLockError,
+        TrainingInterrupted,
+    )
+
+    if (args.archive_old or args.overwrite) and not args.no_resume:
+        print("mtrl train: --archive-old and --overwrite go with --no-resume (a fresh start)",
+              file=sys.stderr)
+        return 2
     try:
-        trainer = MultiTurnRLTrainer(args.recipe, overrides=args.overrides,
-                                     resume=not args.no_resume)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        trainer = MultiTurnRLTrainer(
+            args.recipe, overrides=args.overrides, resume=not args.no_resume,
+            on_existing="archive" if args.archive_old else
+            "overwrite" if args.overwrite else "refuse")
+    except (CheckpointError, FileNotFoundError, RunLockError) as e:
         print(f"mtrl train: {e}", file=sys.stderr)
         return 2
     print(f"[mtrl] MLflow: {trainer.get_mlflow_url()}", flush=True)
     try:
         trainer.train()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"[mtrl] stopped; checkpoint saved at step {trainer.step} in "
-              f"{trainer.checkpoints.directory}", file=sys.stderr)
-        return 130
+              f"{trainer.checkpoints.directory}; run the same command to resume",
+              file=sys.stderr)
+        # the shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM)
+        return 128 + (e.signum if isinstance(e, TrainingInterrupted) else 2)
     finally:
         trainer.close()
     print(f"[mtrl] done: {trainer.step} steps; adapter in {trainer.config.output_dir}/adapter; "
@@ -58,8 +77,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mtrl_jax.demo import run_demo
+    from mtrl_jax.config import load_config
+    from mtrl_jax.demo import DEMO_RECIPE, run_demo
 
+    for seed in args.seeds:  # each seed's recipe, checked before the warm-up (minutes)
+        load_config(DEMO_RECIPE, ["model.path=<the warm-up checkpoint>", f"seed={seed}",
+                                  f"output_dir={os.path.join(args.output_dir, f'seed{seed}')}",
+                                  *args.overrides])
     run_demo(seeds=args.seeds, output_dir=args.output_dir, overrides=args.overrides)
     return 0
 
@@ -70,17 +94,19 @@ def _eval(args: argparse.Namespace) -> int:
 
     adapter = args.adapter
     recipe = args.recipe
-    if args.run is not None:  # a training run: its recipe (config.json) and its adapter
-        adapter = adapter or os.path.join(args.run, "adapter")
-        with open(os.path.join(args.run, "config.json")) as f:
-            recipe = recipe or json.load(f)
     try:
+        if args.run is not None:  # a training run: its recipe (config.json) and its adapter
+            adapter = adapter or os.path.join(args.run, "adapter")
+            with open(os.path.join(args.run, "config.json")) as f:
+                recipe = recipe or json.load(f)
         ev = MultiTurnRLEvaluator(
             args.model, adapter=adapter, dataset=args.dataset, recipe=recipe,
             overrides=args.overrides, split=args.split, n_tasks=args.n,
             samples_per_task=args.samples, success_threshold=args.success_threshold,
             evaluate_base_model=args.base, seed=args.seed, output_dir=args.output_dir)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except ConfigError:
+        raise  # main prints it, one line per error
+    except (FileNotFoundError, ValueError) as e:
         print(f"mtrl eval: {e}", file=sys.stderr)
         return 2
     res = ev.evaluate()
@@ -95,7 +121,9 @@ def _reward_audit(args: argparse.Namespace) -> int:
     try:
         report = reward_audit(args.recipe, args.overrides, n_tasks=args.n,
                               adapter=args.adapter)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except ConfigError:
+        raise  # main prints it, one line per error
+    except (FileNotFoundError, ValueError) as e:
         print(f"mtrl reward-audit: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
@@ -168,7 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted overrides, e.g. rollout.group_size=4 steps=10")
     tr.add_argument("--no-resume", action="store_true",
-                    help="start at step 0 even if output_dir holds checkpoints")
+                    help="start at step 0; refused when output_dir holds another run's "
+                    "checkpoints, unless --archive-old or --overwrite")
+    old = tr.add_mutually_exclusive_group()
+    old.add_argument("--archive-old", action="store_true",
+                     help="with --no-resume: move the previous run's checkpoints, ledger, "
+                     "adapter and config to output_dir/archive/<time>/")
+    old.add_argument("--overwrite", action="store_true",
+                     help="with --no-resume: delete the previous run's checkpoints, ledger, "
+                     "adapter and config")
     tr.set_defaults(fn=_train)
 
     de = add("demo", help="the CPU demo: warm-up (cached), base evaluation, RL, "
@@ -224,7 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_error(e) -> int:
+    """A recipe or override that does not fit: one line per error on stderr, exit 2."""
+    for line in e.errors:
+        print(f"mtrl: config error: {line}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mtrl_jax.config import ConfigError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
@@ -246,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(getattr(args, "overrides", None), list):
             args.overrides = [f"data.imports={json.dumps(args.imports)}", *args.overrides]
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ConfigError as e:  # from any command that reads a recipe or overrides
+        return _config_error(e)
 
 
 if __name__ == "__main__":

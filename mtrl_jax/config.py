@@ -21,12 +21,24 @@ parameter belongs to the kernel named beside it: an override that changes the na
 (``algorithm.loss.name=cispo`` over a recipe's ``ppo`` block) starts from the new kernel's
 defaults instead of carrying the old kernel's settings over, and a parameter the named kernel
 does not take fails, naming the dotted key and the valid ones.
+
+Every value is checked when the recipe loads (:data:`_RULES`: counts and sizes have a minimum,
+probabilities their interval, floats must be finite, ...), and so are the settings that only
+make sense together (a group-relative estimator needs ``rollout.group_size >= 2``). All the
+problems of a recipe and its overrides come in one :class:`ConfigError`, one line each, naming
+the dotted key::
+
+    >>> load_config(overrides=["rollout.top_p=1.5", "checkpoint_interval=-1"])
+    ConfigError: rollout.top_p: must be in (0, 1], got 1.5
+    checkpoint_interval: must be >= 0 (0 = never), got -1
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import os
 import types
 import typing
@@ -36,14 +48,35 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe or override that does not fit the config schema."""
+    """A recipe or override that does not fit the config schema.
+
+    ``errors`` holds every problem found, one line each: ``"dotted.key: message"`` for a bad
+    value (``rollout.top_p: must be in (0, 1], got 1.5``); an unknown or replaced key is named
+    in quotes (``unknown key 'rollout.group_sise' -- did you mean 'rollout.group_size'?``).
+    ``str(e)`` is those lines joined by newlines. Built from messages (a message spanning
+    several lines becomes one line) or other ConfigErrors (their lines are taken over).
+    """
+
+    def __init__(self, *errors: str | ConfigError):
+        lines: list[str] = []
+        for e in errors:
+            if isinstance(e, ConfigError):
+                lines.extend(e.errors)
+            else:
+                lines.append(" ".join(x.strip() for x in str(e).splitlines() if x.strip()))
+        self.errors = lines
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # pickles (e.g. from a rollout worker) keep the lines apart
+        return (type(self), tuple(self.errors))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """``path``: a local HF checkpoint directory (config.json, safetensors, tokenizer). Without
     it, ``tiny`` builds a small random model (dict of :class:`~mtrl_jax.models.ModelConfig`
-    fields) and ``tokenizer`` names a built-in tokenizer (``byte`` or ``demo_words``)."""
+    fields) with the built-in ``tokenizer``, ``byte`` (the only one: a checkpoint brings its
+    own tokenizer, e.g. the demo's warm-up output with its word tokenizer)."""
 
     path: str | None = None
     tiny: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(
@@ -96,6 +129,10 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = 0
     simulated_tool_latency_s: float = 0.0  # added to every tool call (benchmarks)
+    # a tool result longer than this is cut (bytes of UTF-8 first, so a huge result is never
+    # tokenised whole; then tokens), and the model reads a note saying so
+    max_tool_result_bytes: int = 16384
+    max_tool_result_tokens: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,59 +313,279 @@ def _to_plain(x):
     return x
 
 
-def _check(c: TrainConfig) -> None:
+# ------------------------------------------------------------------------------ validation
+#
+# Every key of every section has an entry in _RULES: a check of its (already type-checked)
+# value that returns a message or None, or None where the type says it all (Literal, bool) or
+# a check across keys in _check does the work. Floats must be finite everywhere, kernel
+# parameters included. tests/test_config.py asserts that every field has an entry.
+
+
+def _at_least(lo: int, note: str = ""):
+    def check(v):
+        return None if v >= lo else f"must be >= {lo}{note}, got {v!r}"
+    return check
+
+
+def _above(lo: int):
+    def check(v):
+        return None if v > lo else f"must be > {lo}, got {v!r}"
+    return check
+
+
+def _between(lo: int, hi: int, *, open_lo: bool = False, open_hi: bool = False):
+    def check(v):
+        ok = (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+        return None if ok else (f"must be in {'(' if open_lo else '['}{lo}, {hi}"
+                                f"{')' if open_hi else ']'}, got {v!r}")
+    return check
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _non_empty(v: str):
+    return None if v.strip() else "must not be empty"
+
+
+#: the LoRA targets the model knows (mtrl_jax.models.lora.LORA_TARGETS; not imported here, so
+#: that loading a recipe stays free of the model stack -- a test keeps the two equal)
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _lora_targets(v: tuple[str, ...]):
+    if not v:
+        return f"needs at least one of {list(LORA_TARGETS)}"
+    bad = [t for t in v if t not in LORA_TARGETS]
+    return f"unknown target(s) {bad}; valid: {list(LORA_TARGETS)}" if bad else None
+
+
+def _float_dtype(v: str):
+    import jax.numpy as jnp
+
+    try:
+        dt = jnp.dtype(v)
+    except TypeError:
+        return f"{v!r} is not a dtype (e.g. float32, bfloat16)"
+    return None if jnp.issubdtype(dt, jnp.floating) else f"{v!r} is not a floating dtype"
+
+
+def _aggregation(v: str):
     from mtrl_jax.kernels import AGGREGATIONS
+
+    return None if v in AGGREGATIONS else f"{v!r} is not one of {list(AGGREGATIONS)}"
+
+
+def _row_lengths(v: tuple[int, ...]):
+    if not v:
+        return "needs at least one row length"
+    return None if all(x >= 1 for x in v) else f"lengths must be >= 1, got {list(v)}"
+
+
+_NEVER = " (0 = never)"
+_RULES: dict[str, Any] = {
+    "model.path": _optional(_non_empty),
+    "model.tiny": None,  # without model.path: _check_model
+    "model.tokenizer": None,  # _check_model
+    "model.dtype": _float_dtype,
+    "model.warmup_checkpoint": _optional(_non_empty),
+    "lora.lora_rank": _at_least(1),
+    "lora.lora_alpha": _above(0),
+    "lora.targets": _lora_targets,
+    "data.task": None,  # _check_task
+    "data.train_split": _non_empty,
+    "data.val_split": _non_empty,
+    "data.test_split": _non_empty,
+    "data.n_train": _optional(_at_least(1, " (null = the whole split)")),
+    "data.n_val": _optional(_at_least(1, " (null = the whole split)")),
+    "data.n_test": _optional(_at_least(1, " (null = the whole split)")),
+    "data.data_seed": _at_least(0),
+    "data.system_prompt": None,
+    "data.reward": None,  # _check_task
+    "data.imports": None,  # _check_task
+    "rollout.batch_size": _at_least(1),
+    "rollout.group_size": _at_least(1),  # >= 2 with a group-relative estimator: _check
+    "rollout.max_turns": _at_least(1),
+    "rollout.sampling_max_tokens": _at_least(1),
+    "rollout.max_context_tokens": _at_least(2),
+    "rollout.temperature": _at_least(0),
+    "rollout.top_p": _between(0, 1, open_lo=True),
+    "rollout.top_k": _at_least(0, " (0 = off)"),
+    "rollout.simulated_tool_latency_s": _at_least(0),
+    "rollout.max_tool_result_bytes": _at_least(256),
+    "rollout.max_tool_result_tokens": _at_least(16),
+    "val_sampling_params.sampling_max_tokens": _at_least(1),
+    "val_sampling_params.temperature": _at_least(0),
+    "val_sampling_params.num_samples": _at_least(0),
+    "val_sampling_params.success_threshold": None,  # any finite reward
+    "val_sampling_params.max_disagreement_traces": _at_least(0),
+    "algorithm.advantage": None,  # _check_kernels; the parameters check themselves
+    "algorithm.loss": None,  # _check_kernels; the parameters check themselves
+    "algorithm.aggregation": _aggregation,
+    "algorithm.norm_length": _optional(_at_least(1)),
+    "algorithm.kl_coef": _at_least(0),
+    "algorithm.kl_estimator": None,
+    "algorithm.entropy_coef": _at_least(0),
+    "algorithm.tis_mode": None,
+    "algorithm.tis_level": None,
+    "algorithm.tis_cap": None,  # > 0: the kernels' TISParams (_check)
+    "async_config.max_steps_off_policy": _at_least(0),
+    "async_config.mode": None,
+    "async_config.partial_rollouts": None,
+    "async_config.num_workers": _at_least(1),
+    "async_config.heartbeat_s": _above(0),
+    "async_config.heartbeat_timeout_s": _above(0),  # and > heartbeat_s: _check
+    "async_config.startup_timeout_s": _above(0),
+    "async_config.max_restarts": _at_least(0),
+    "optimizer.learning_rate": _above(0),
+    "optimizer.weight_decay": _at_least(0),
+    "optimizer.max_grad_norm": _at_least(0, " (0 = no clipping)"),
+    "optimizer.warmup_steps": _at_least(0),
+    "optimizer.b1": _between(0, 1, open_hi=True),
+    "optimizer.b2": _between(0, 1, open_hi=True),
+    "optimizer.mini_batches": _at_least(1),
+    "optimizer.epochs": _at_least(1),
+    "packing.row_lengths": _row_lengths,
+    "packing.row_multiple": _at_least(1),
+    "steps": _at_least(0),
+    "eval_interval": _at_least(0, _NEVER),
+    "checkpoint_interval": _at_least(0, _NEVER),
+    "trace_samples_per_step": _at_least(0),
+    "seed": _at_least(0),
+    "output_dir": _non_empty,
+    "experiment_name": _non_empty,
+    "run_name": _optional(_non_empty),
+    "tracker": None,
+    "export_merged": None,
+}
+
+#: estimators that compare the samples of a group with each other: with one sample per group
+#: every advantage is 0 (tests/test_config.py checks this list against the kernels)
+GROUP_RELATIVE_ESTIMATORS = frozenset({"group_based", "rloo", "grpo_passk",
+                                       "group_based_per_turn", "reinforce_pp_baseline", "opo"})
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _not_finite(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
+def _check_fields(obj: Any, prefix: str, errors: list[str]) -> None:
+    """Types, finite floats and :data:`_RULES` of every field of a section (recursively)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, tp, value = prefix + f.name, hints[f.name], getattr(obj, f.name)
+        if tp is KernelChoice:  # its name and type: _check_kernels; its floats finite here
+            params = getattr(value, "params", None)
+            if dataclasses.is_dataclass(params) and not isinstance(params, type):
+                for p in dataclasses.fields(params):
+                    v = getattr(params, p.name)
+                    if _not_finite(v):
+                        errors.append(f"{key}.{p.name}: must be a finite number, got {v!r}")
+            continue
+        if dataclasses.is_dataclass(tp):
+            if isinstance(value, tp):
+                _check_fields(value, key + ".", errors)
+            else:
+                errors.append(f"{key}: expected a {tp.__name__}, got {value!r}")
+            continue
+        try:
+            value = _coerce(tp, value, key)
+        except ConfigError as e:
+            errors.extend(e.errors)
+            continue
+        if _not_finite(value):
+            errors.append(f"{key}: must be a finite number, got {value!r}")
+            continue
+        rule = _RULES.get(key)
+        msg = rule(value) if rule is not None else None
+        if msg:
+            errors.append(f"{key}: {msg}")
+
+
+def _check(c: TrainConfig) -> None:
+    """Every key's range, then the checks across keys; all problems in one ConfigError."""
+    errors: list[str] = []
 
     def need(ok: bool, key: str, msg: str):
         if not ok:
-            raise ConfigError(f"{key}: {msg}")
+            errors.append(f"{key}: {msg}")
 
-    r = c.rollout
-    need(r.batch_size >= 1, "rollout.batch_size", "must be >= 1")
-    need(r.group_size >= 1, "rollout.group_size", "must be >= 1")
-    need(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
-    need(r.sampling_max_tokens >= 1, "rollout.sampling_max_tokens", "must be >= 1")
-    need(r.temperature >= 0, "rollout.temperature", "must be >= 0")
-    need(c.steps >= 0, "steps", "must be >= 0")
-    need(c.eval_interval >= 0 and c.checkpoint_interval >= 0, "eval_interval",
-         "intervals must be >= 0 (0 = never)")
-    a = c.algorithm
-    need(a.aggregation in AGGREGATIONS, "algorithm.aggregation",
-         f"{a.aggregation!r} is not one of {list(AGGREGATIONS)}")
-    need(a.aggregation != "seq_mean_token_sum_norm" or (a.norm_length or 0) > 0,
-         "algorithm.norm_length",
-         "aggregation 'seq_mean_token_sum_norm' divides by a constant length: set it (Dr. "
-         "GRPO uses the generation budget; here rollout.max_turns x "
-         f"rollout.sampling_max_tokens = {r.max_turns * r.sampling_max_tokens})")
-    need(a.norm_length is None or a.norm_length > 0, "algorithm.norm_length", "must be > 0")
-    _check_kernels(c)
-    _check_task(c)
-    try:
-        c.loss_config  # noqa: B018 -- builds (and so validates) the kernels' LossConfig
-    except ValueError as e:
-        raise ConfigError(f"algorithm: {e}") from None
-    o = c.optimizer
-    need(o.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
-    need(o.mini_batches >= 1 and o.epochs >= 1, "optimizer.mini_batches",
-         "mini_batches and epochs must be >= 1")
-    need(c.lora.lora_rank >= 1, "lora.lora_rank", "must be >= 1")
-    need(c.async_config.max_steps_off_policy >= 0, "async_config.max_steps_off_policy",
-         "must be >= 0")
-    ac = c.async_config
-    need(ac.num_workers >= 1, "async_config.num_workers", "must be >= 1")
-    need(ac.heartbeat_s > 0 and ac.heartbeat_timeout_s > ac.heartbeat_s,
-         "async_config.heartbeat_timeout_s", "must exceed heartbeat_s (> 0)")
-    need(ac.max_restarts >= 0, "async_config.max_restarts", "must be >= 0")
-    need(c.rollout.simulated_tool_latency_s >= 0, "rollout.simulated_tool_latency_s",
-         "must be >= 0")
-    need(c.val_sampling_params.num_samples >= 0, "val_sampling_params.num_samples", ">= 0")
-    need(len(c.packing.row_lengths) > 0 and all(x > 0 for x in c.packing.row_lengths),
-         "packing.row_lengths", "needs positive lengths")
-    need(c.model.path is not None or c.model.tokenizer in ("byte", "demo_words"),
-         "model.tokenizer", "without model.path use 'byte' or 'demo_words'")
+    _check_fields(c, "", errors)
+    # the checks across keys need sane values: they skip keys already named above
+    bad = {e.split(":", 1)[0] for e in errors}
+
+    def ok(*keys: str) -> bool:
+        return not any(k in bad for k in keys)
+
+    r, a, ac = c.rollout, c.algorithm, c.async_config
+    if ok("algorithm.aggregation", "algorithm.norm_length", "rollout.max_turns",
+          "rollout.sampling_max_tokens"):
+        need(a.aggregation != "seq_mean_token_sum_norm" or a.norm_length is not None,
+             "algorithm.norm_length",
+             "aggregation 'seq_mean_token_sum_norm' divides by a constant length: set it (Dr. "
+             "GRPO uses the generation budget; here rollout.max_turns x "
+             f"rollout.sampling_max_tokens = {r.max_turns * r.sampling_max_tokens})")
+    if ok("async_config.heartbeat_s", "async_config.heartbeat_timeout_s"):
+        need(ac.heartbeat_timeout_s > ac.heartbeat_s, "async_config.heartbeat_timeout_s",
+             f"must exceed async_config.heartbeat_s ({ac.heartbeat_s!r}), got "
+             f"{ac.heartbeat_timeout_s!r}")
+    if ok("rollout.max_context_tokens", "packing.row_lengths"):
+        need(r.max_context_tokens <= max(c.packing.row_lengths), "rollout.max_context_tokens",
+             f"{r.max_context_tokens} exceeds the longest packing row "
+             f"(packing.row_lengths max {max(c.packing.row_lengths)}): an episode would not fit "
+             "a row")
+    _check_model(c, errors, ok)
+    kernels_ok = _check_kernels(c, errors, ok)
+    if ok("data.imports", "data.task", "data.reward"):
+        _check_task(c, errors)
+    if ok("algorithm.tis_cap", "algorithm.tis_mode", "algorithm.tis_level",
+          "async_config.max_steps_off_policy"):
+        from mtrl_jax.kernels import TISParams
+
+        try:
+            TISParams(mode=c.tis_mode, level=a.tis_level, cap=a.tis_cap)
+        except ValueError as e:
+            errors.append(f"algorithm: {e}")
+    if kernels_ok and not any(e.startswith(("algorithm", "async_config")) for e in errors):
+        try:  # what every loss is called with: the kernels' own checks, last
+            c.loss_config  # noqa: B018
+        except ValueError as e:
+            errors.append(f"algorithm: {e}")
+    if errors:
+        raise ConfigError(*errors)
 
 
-def _check_task(c: TrainConfig) -> None:
+def _check_model(c: TrainConfig, errors: list[str], ok) -> None:
+    """Without ``model.path`` the run builds ``model.tiny`` with the byte tokenizer."""
+    m = c.model
+    if m.path is not None or not ok("model.path", "model.tiny", "model.tokenizer"):
+        return
+    if m.tokenizer != "byte":
+        errors.append(f"model.tokenizer: {m.tokenizer!r} needs model.path (a checkpoint "
+                      "directory holding that tokenizer, e.g. the demo's warm-up output); "
+                      "without model.path use 'byte'")
+    tiny = m.tiny
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim", "max_position_embeddings"):
+        v = tiny.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            errors.append(f"model.tiny.{k}: must be an integer >= 1, got {v!r}")
+            return
+    heads, kv, hd = tiny.get("num_heads"), tiny.get("num_kv_heads"), tiny.get("head_dim")
+    if heads is not None and kv is not None and heads % kv:
+        errors.append(f"model.tiny.num_heads: must be a multiple of num_kv_heads ({kv}), "
+                      f"got {heads}")
+    if hd is not None and hd % 2:
+        errors.append(f"model.tiny.head_dim: must be even (RoPE), got {hd}")
+
+
+def _check_task(c: TrainConfig, errors: list[str]) -> None:
     """``data.imports`` import, ``data.task`` names a known task, ``data.reward`` one of its
     family's reward kinds."""
     from mtrl_jax.envs import families
@@ -336,41 +593,62 @@ def _check_task(c: TrainConfig) -> None:
     try:
         families.import_user_modules(c.data.imports)
     except Exception as e:  # an ImportError, or the module's own error
-        raise ConfigError(f"data.imports: {e}") from e
+        errors.append(f"data.imports: {e}")
+        return
     try:
         kinds = families.reward_kinds(c.data.task)
     except (KeyError, ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"data.task: {e.args[0] if e.args else e}") from None
+        errors.append(f"data.task: {e.args[0] if e.args else e}")
+        return
     if c.data.reward is not None and c.data.reward not in kinds:
-        raise ConfigError(f"data.reward: {c.data.reward!r} is not a reward of {c.data.task}; "
-                          f"its family offers {list(kinds)}")
+        errors.append(f"data.reward: {c.data.reward!r} is not a reward of {c.data.task}; "
+                      f"its family offers {list(kinds)}")
 
 
-def _check_kernels(c: TrainConfig) -> None:
+def _check_kernels(c: TrainConfig, errors: list[str], ok) -> bool:
     """The chosen kernels exist, hold their own parameter type, and take only inputs the
-    trainer feeds (:data:`mtrl_jax.training.batch.ADVANTAGE_INPUTS`)."""
+    trainer feeds (:data:`mtrl_jax.training.batch.ADVANTAGE_INPUTS`); a group-relative
+    estimator gets groups of more than one sample. False when a kernel itself is wrong."""
     from mtrl_jax.training.batch import ADVANTAGE_INPUTS
 
     for path, kind in CHOICES.items():
         choice = getattr(c.algorithm, path.split(".")[1])
         if not isinstance(choice, KernelChoice):
-            raise ConfigError(f"{path}: expected a KernelChoice, got {choice!r}")
-        entry = _lookup(kind, choice.name, path)
+            errors.append(f"{path}: expected a KernelChoice, got {choice!r}")
+            return False
+        try:
+            entry = _lookup(kind, choice.name, path)
+        except ConfigError as e:
+            errors.extend(e.errors)
+            return False
         if not isinstance(choice.params, entry.params_cls):
-            raise ConfigError(f"{path}: {kind} {choice.name!r} takes "
-                              f"{entry.params_cls.__name__}, got {type(choice.params).__name__}")
+            errors.append(f"{path}: {kind} {choice.name!r} takes "
+                          f"{entry.params_cls.__name__}, got {type(choice.params).__name__}")
+            return False
     adv = c.algorithm.advantage
     est = _registry("advantage").get(adv.name)
     missing = [x for x in est.inputs if x not in ADVANTAGE_INPUTS]
     if missing:
-        raise ConfigError(
+        errors.append(
             f"algorithm.advantage.name: estimator {adv.name!r} needs {missing}, which the "
             f"trainer does not feed (it feeds {sorted(ADVANTAGE_INPUTS)}); choose one of "
             f"{_feedable_estimators(ADVANTAGE_INPUTS)}")
+    g = c.rollout.group_size
+    if not ok("rollout.group_size"):
+        return True
+    if g == 1 and adv.name in GROUP_RELATIVE_ESTIMATORS:
+        errors.append(f"rollout.group_size: 1 with algorithm.advantage {adv.name!r}, which "
+                      "compares the samples of a group with each other: every advantage "
+                      "would be 0; use rollout.group_size >= 2")
     k = getattr(adv.params, "k", None)
-    if adv.name == "grpo_passk" and k > c.rollout.group_size:
-        raise ConfigError(f"algorithm.advantage.k: pass@{k} needs at least {k} samples per "
-                          f"task, but rollout.group_size is {c.rollout.group_size}")
+    if adv.name == "grpo_passk" and k > g:
+        errors.append(f"algorithm.advantage.k: pass@{k} needs at least {k} samples per "
+                      f"task, but rollout.group_size is {g}")
+    elif adv.name == "grpo_passk" and k == g and g > 1:  # the one subset of k is the group
+        errors.append(f"algorithm.advantage.k: pass@{k} over groups of exactly {k} samples "
+                      "gives every sample the same value, so every advantage would be 0; use "
+                      f"k < rollout.group_size ({g})")
+    return True
 
 
 def _feedable_estimators(feeds) -> list[str]:
@@ -403,8 +681,8 @@ def _build_choice(kind: str, value: Any, path: str, default: str) -> KernelChoic
     entry = _lookup(kind, name, path)
     cls = entry.params_cls
     fields = {f.name for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
+    hints = _hints(cls)
+    kwargs, errors = {}, []
     for key, v in value.items():
         if key == "name":
             continue
@@ -415,9 +693,18 @@ def _build_choice(kind: str, value: Any, path: str, default: str) -> KernelChoic
             whose = f" (a parameter of {owners})" if owners else ""
             close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
             hint = f" -- did you mean {path + '.' + close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {path + '.' + key!r}{whose}: {kind} {name!r} takes "
-                              f"{sorted(fields) or 'no parameters'}{hint}")
-        kwargs[key] = _coerce(hints[key], v, f"{path}.{key}")
+            errors.append(f"unknown key {path + '.' + key!r}{whose}: {kind} {name!r} takes "
+                          f"{sorted(fields) or 'no parameters'}{hint}")
+            continue
+        try:
+            kwargs[key] = _coerce(hints[key], v, f"{path}.{key}")
+        except ConfigError as e:
+            errors.extend(e.errors)
+            continue
+        if _not_finite(kwargs[key]):
+            errors.append(f"{path}.{key}: must be a finite number, got {kwargs[key]!r}")
+    if errors:
+        raise ConfigError(*errors)
     try:
         return KernelChoice(name, cls(**kwargs))
     except (TypeError, ValueError) as e:
@@ -444,18 +731,27 @@ def load_config(recipe: str | os.PathLike | dict[str, Any] | None = None,
         if not os.path.exists(path):
             raise FileNotFoundError(f"recipe {path!r} not found")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"recipe {path!r}: not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path!r}: the top level must be a mapping")
+    errors: list[str] = []
     items: list[tuple[str, Any]] = []
     if isinstance(overrides, dict):
         items += list(overrides.items())
     else:
         for o in overrides or []:
             if "=" not in o:
-                raise ConfigError(f"override {o!r} is not key=value (e.g. rollout.group_size=4)")
+                errors.append(f"override {o!r} is not key=value (e.g. rollout.group_size=4)")
+                continue
             k, v = o.split("=", 1)
-            items.append((k.strip(), yaml.safe_load(v)))
+            try:
+                items.append((k.strip(), yaml.safe_load(v)))
+            except yaml.YAMLError as e:
+                errors.append(f"{k.strip()}: the value {v!r} is not valid YAML: "
+                              f"{_yaml_problem(e)}")
     for k, v in kw_overrides.items():
         items.append((k, v))
     _normalize_choices(data)
@@ -463,7 +759,18 @@ def load_config(recipe: str | os.PathLike | dict[str, Any] | None = None,
     for key, value in items:
         _set_dotted(data, key, {"name": value} if key in CHOICES and isinstance(value, str)
                     else value)
-    return _build(TrainConfig, data, "")
+    config = _build(TrainConfig, data, "", errors)
+    if errors:
+        raise ConfigError(*errors)
+    return config
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where it is."""
+    problem = getattr(e, "problem", None) or str(e)
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def _get_dotted(data: dict[str, Any], key: str) -> Any:
@@ -539,54 +846,81 @@ def _suggest(name: str, options: list[str]) -> str:
     return f" -- did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(options)}"
 
 
-def _build(cls, data: Any, prefix: str):
+_BAD = object()  # a value that could not be built (its errors are recorded)
+
+
+def _build(cls, data: Any, prefix: str, errors: list[str] | None = None):
+    """``cls`` from a mapping. With ``errors``, every problem is appended there and the build
+    goes on (a bad key keeps its default; the result is ``_BAD`` if ``cls`` itself fails);
+    without, the problems are raised together as one :class:`ConfigError`."""
+    own = errors is None
+    errs: list[str] = [] if errors is None else errors
+    obj = _build_into(cls, data, prefix, errs)
+    if own and errs:
+        raise ConfigError(*errs)
+    return obj
+
+
+def _build_into(cls, data: Any, prefix: str, errors: list[str]):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
+        errors.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+        return _BAD
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if path in RENAMED_KEYS:
-            raise ConfigError(
+            errors.append(
                 f"{path!r} was replaced by {RENAMED_KEYS[path]!r}: a kernel's parameters sit "
                 "beside its name, e.g. algorithm: {advantage: {name: group_based, "
                 "normalize_by_std: true}, loss: {name: cispo, clip_high: 0.28}} "
                 "(see configs/README.md)")
+            continue
         if key not in fields:
             full = [f"{prefix}{n}" for n in fields]
-            raise ConfigError(f"unknown key {path!r}{_suggest(path, full)}")
+            errors.append(f"unknown key {path!r}{_suggest(str(path), full)}")
+            continue
         kind = fields[key].metadata.get("registry")
-        if kind:
-            default = fields[key].default_factory().name
-            kwargs[key] = _build_choice(kind, value, path, default)
-        else:
-            kwargs[key] = _coerce(hints[key], value, path)
+        try:
+            if kind:
+                default = fields[key].default_factory().name
+                v = _build_choice(kind, value, path, default)
+            else:
+                v = _coerce(hints[key], value, path, errors)
+        except ConfigError as e:
+            errors.extend(e.errors)
+            continue
+        if v is not _BAD:
+            kwargs[key] = v
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        errors.extend(e.errors)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+        errors.append(f"{prefix.rstrip('.') or 'config'}: {e}")
+    return _BAD
 
 
-def _coerce(tp, value: Any, path: str):
+def _coerce(tp, value: Any, path: str, errors: list[str] | None = None):
+    """``value`` as type ``tp`` (a ConfigError naming ``path`` if it is not); a section
+    (dataclass) is built with :func:`_build`, collecting into ``errors`` when given."""
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path + ".")
+        return _build(tp, value, path + ".", errors)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        tried = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(a, value, path)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+                tried.append(e)
+        raise tried[0] if tried else ConfigError(f"{path}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")

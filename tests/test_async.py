@@ -203,6 +203,7 @@ def test_unimportable_make_env_is_refused_with_advice(tmp_path):
 
 def test_a_failed_constructor_stops_the_workers_it_launched(tmp_path, monkeypatch):
     from mtrl_jax.rollout import worker
+    from mtrl_jax.training import trainer as trainer_module
 
     launched = []
     orig = worker.ProcessRolloutPool.launch
@@ -211,10 +212,13 @@ def test_a_failed_constructor_stops_the_workers_it_launched(tmp_path, monkeypatc
         orig(self)
         launched.extend(w.proc.pid for w in self.workers.values())
 
+    def broken_build(config):
+        raise RuntimeError("the model could not be built")
+
     monkeypatch.setattr(worker.ProcessRolloutPool, "launch", launch)
-    with pytest.raises(ValueError, match="max_context_tokens"):
-        make(tmp_path, "bad", 2, ["async_config.max_steps_off_policy=1",
-                                  "rollout.max_context_tokens=4096"])
+    monkeypatch.setattr(trainer_module, "build_policy", broken_build)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        make(tmp_path, "bad", 2, ["async_config.max_steps_off_policy=1"])
     assert launched and not any(_alive(p) for p in launched)
     assert _tagged_pids(f"{os.getpid()}-") == []
 

@@ -238,3 +238,243 @@ def test_a_custom_environment_refuses_a_family_reward_kind(tmp_path):
     with pytest.raises(ValueError, match="a custom make_env defines its own reward"):
         MultiTurnRLTrainer(overrides=["data.reward=strict", f"output_dir={tmp_path}"],
                            make_env=lambda task: None, verbose=False)
+
+
+# ------------------------------------------------------------------------------ value ranges
+
+#: one bad value per line, and the one dotted key its error must name
+BAD_VALUES = [
+    ("model.path=''", "model.path"),
+    ("model.dtype=int8", "model.dtype"),
+    ("model.dtype=floaty", "model.dtype"),
+    ("model.warmup_checkpoint=''", "model.warmup_checkpoint"),
+    ("model.tokenizer=demo_words", "model.tokenizer"),  # without model.path
+    ("model.tiny={num_heads: 3, num_kv_heads: 2}", "model.tiny.num_heads"),
+    ("model.tiny={head_dim: 0}", "model.tiny.head_dim"),
+    ("lora.lora_rank=0", "lora.lora_rank"),
+    ("lora.lora_alpha=0", "lora.lora_alpha"),
+    ("lora.lora_alpha=.nan", "lora.lora_alpha"),
+    ("lora.targets=[]", "lora.targets"),
+    ("lora.targets=[q,x]", "lora.targets"),
+    ("data.task=mathh:arith", "data.task"),
+    ("data.system_prompt=maybe", "data.system_prompt"),
+    ("data.reward=sparse", "data.reward"),
+    ("data.imports=[no_such_module_xyz]", "data.imports"),
+    ("data.train_split=''", "data.train_split"),
+    ("data.val_split=' '", "data.val_split"),
+    ("data.test_split=''", "data.test_split"),
+    ("data.n_train=0", "data.n_train"),
+    ("data.n_val=0", "data.n_val"),
+    ("data.n_test=-1", "data.n_test"),
+    ("data.data_seed=-1", "data.data_seed"),
+    ("rollout.batch_size=0", "rollout.batch_size"),
+    ("rollout.group_size=0", "rollout.group_size"),
+    ("rollout.group_size=1", "rollout.group_size"),  # the default estimator is group-relative
+    ("rollout.max_turns=0", "rollout.max_turns"),
+    ("rollout.sampling_max_tokens=0", "rollout.sampling_max_tokens"),
+    ("rollout.max_context_tokens=1", "rollout.max_context_tokens"),
+    ("rollout.temperature=-0.1", "rollout.temperature"),
+    ("rollout.temperature=.inf", "rollout.temperature"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("rollout.top_p=nan", "rollout.top_p"),
+    ("rollout.top_k=-1", "rollout.top_k"),
+    ("rollout.simulated_tool_latency_s=-1", "rollout.simulated_tool_latency_s"),
+    ("rollout.max_tool_result_bytes=255", "rollout.max_tool_result_bytes"),
+    ("rollout.max_tool_result_tokens=15", "rollout.max_tool_result_tokens"),
+    ("val_sampling_params.sampling_max_tokens=0", "val_sampling_params.sampling_max_tokens"),
+    ("val_sampling_params.temperature=-1", "val_sampling_params.temperature"),
+    ("val_sampling_params.num_samples=-1", "val_sampling_params.num_samples"),
+    ("val_sampling_params.success_threshold=.nan", "val_sampling_params.success_threshold"),
+    ("val_sampling_params.success_threshold=-.inf", "val_sampling_params.success_threshold"),
+    ("val_sampling_params.max_disagreement_traces=-1",
+     "val_sampling_params.max_disagreement_traces"),
+    ("algorithm.advantage=grpo2", "algorithm.advantage.name"),
+    ("algorithm.advantage.eps=.inf", "algorithm.advantage.eps"),
+    ("algorithm.loss.name=ppp", "algorithm.loss.name"),
+    ("algorithm.loss.clip_high=.nan", "algorithm.loss.clip_high"),
+    ("algorithm.aggregation=sum", "algorithm.aggregation"),
+    ("algorithm.norm_length=0", "algorithm.norm_length"),
+    ("algorithm.kl_coef=-0.1", "algorithm.kl_coef"),
+    ("algorithm.kl_coef=.nan", "algorithm.kl_coef"),
+    ("algorithm.kl_estimator=k4", "algorithm.kl_estimator"),
+    ("algorithm.entropy_coef=-1", "algorithm.entropy_coef"),
+    ("algorithm.tis_mode=clip", "algorithm.tis_mode"),
+    ("algorithm.tis_level=segment", "algorithm.tis_level"),
+    ("algorithm.tis_cap=.inf", "algorithm.tis_cap"),  # 0: "algorithm: tis.cap must be > 0"
+    ("async_config.max_steps_off_policy=-1", "async_config.max_steps_off_policy"),
+    ("async_config.mode=threads", "async_config.mode"),
+    ("async_config.partial_rollouts=maybe", "async_config.partial_rollouts"),
+    ("async_config.num_workers=0", "async_config.num_workers"),
+    ("async_config.heartbeat_s=0", "async_config.heartbeat_s"),
+    ("async_config.heartbeat_timeout_s=0.5", "async_config.heartbeat_timeout_s"),
+    ("async_config.startup_timeout_s=0", "async_config.startup_timeout_s"),
+    ("async_config.max_restarts=-1", "async_config.max_restarts"),
+    ("optimizer.learning_rate=0", "optimizer.learning_rate"),
+    ("optimizer.learning_rate=.nan", "optimizer.learning_rate"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
+    ("optimizer.max_grad_norm=-1", "optimizer.max_grad_norm"),
+    ("optimizer.warmup_steps=-1", "optimizer.warmup_steps"),
+    ("optimizer.b1=1", "optimizer.b1"),
+    ("optimizer.b2=-0.1", "optimizer.b2"),
+    ("optimizer.mini_batches=0", "optimizer.mini_batches"),
+    ("optimizer.epochs=0", "optimizer.epochs"),
+    ("packing.row_lengths=[]", "packing.row_lengths"),
+    ("packing.row_lengths=[0, 1024]", "packing.row_lengths"),
+    ("packing.row_multiple=0", "packing.row_multiple"),
+    ("steps=-1", "steps"),
+    ("eval_interval=-1", "eval_interval"),
+    ("checkpoint_interval=-1", "checkpoint_interval"),
+    ("trace_samples_per_step=-1", "trace_samples_per_step"),
+    ("seed=-1", "seed"),
+    ("output_dir=''", "output_dir"),
+    ("experiment_name=''", "experiment_name"),
+    ("run_name=''", "run_name"),
+    ("tracker=wandb", "tracker"),
+    ("export_merged=1", "export_merged"),
+]
+
+
+@pytest.mark.parametrize("override, key", BAD_VALUES)
+def test_a_bad_value_fails_at_load_naming_its_own_dotted_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert [line.split(": ", 1)[0] for line in e.value.errors] == [key], e.value.errors
+    assert str(e.value) == "\n".join(e.value.errors)
+
+
+def _leaf_keys(cls=TrainConfig, prefix=""):
+    import dataclasses
+    import typing
+
+    from mtrl_jax.config import KernelChoice
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp) and tp is not KernelChoice:
+            yield from _leaf_keys(tp, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def test_every_key_has_a_rule_and_a_bad_value_in_the_table():
+    from mtrl_jax.config import _RULES
+
+    keys = set(_leaf_keys())
+    assert keys == set(_RULES)  # a new field gets its range (or None) in _RULES
+    named = {k for _, k in BAD_VALUES}
+    untested = {k for k in keys if not any(n == k or n.startswith(k + ".") for n in named)}
+    assert untested == set()
+
+
+def test_the_lora_targets_are_the_models():
+    from mtrl_jax.config import LORA_TARGETS
+    from mtrl_jax.models.lora import LORA_TARGETS as MODEL_TARGETS
+
+    assert LORA_TARGETS == MODEL_TARGETS
+
+
+def test_the_group_relative_estimators_are_those_that_give_zero_for_groups_of_one():
+    import jax.numpy as jnp
+
+    from mtrl_jax.config import GROUP_RELATIVE_ESTIMATORS
+    from mtrl_jax.kernels import ADVANTAGE_ESTIMATORS, compute_advantages
+
+    zero_at_one = set()
+    for name in ADVANTAGE_ESTIMATORS.names():
+        turn = ADVANTAGE_ESTIMATORS.get(name).level == "turn"
+        for n in (1, 5):  # 5: more than grpo_passk's default k (see the next test)
+            r = jnp.asarray(np.arange(3 * n, dtype=np.float32).reshape(3, n) ** 2)
+            rewards = jnp.stack([r, r], axis=-1) if turn else r
+            adv = compute_advantages(name, rewards, lengths=jnp.full((3, n), 5) + r)
+            if n == 1 and not np.asarray(adv).any():
+                zero_at_one.add(name)
+            if n > 1:
+                assert np.asarray(adv).any(), name  # a signal once a group has more
+    assert zero_at_one == GROUP_RELATIVE_ESTIMATORS
+
+
+@pytest.mark.parametrize("estimator", ["group_based", "rloo", "grpo_passk",
+                                       "group_based_per_turn", "reinforce_pp_baseline", "opo"])
+def test_a_group_of_one_with_a_group_relative_estimator_fails(estimator):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["rollout.group_size=1", f"algorithm.advantage={estimator}"])
+    line = next(x for x in e.value.errors if x.startswith("rollout.group_size: "))
+    assert repr(estimator) in line and "every advantage would be 0" in line
+
+
+def test_pass_at_k_over_groups_of_exactly_k_fails():
+    """The only subset of k samples is the whole group: every sample gets the same value."""
+    import jax.numpy as jnp
+
+    from mtrl_jax.kernels import PassKParams, compute_advantages
+
+    r = jnp.asarray([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.5]])
+    assert not np.asarray(compute_advantages("grpo_passk", r, params=PassKParams(k=4))).any()
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["algorithm.advantage={name: grpo_passk, k: 4}",
+                               "rollout.group_size=4"])
+    (line,) = e.value.errors
+    assert line.startswith("algorithm.advantage.k: pass@4 over groups of exactly 4 samples")
+    load_config(overrides=["algorithm.advantage={name: grpo_passk, k: 3}",
+                           "rollout.group_size=4"])
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rollout:\n  top_p: 1.5\n  group_sise: 4\noptimizer:\n  warmup_steps: -3\n"
+                      "lora: {lora_alpha: 0}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe), ["checkpoint_interval=-1", "data.n_train=0", "steps",
+                                  "rollout.top_k=[1", "algorithm.loss.clip_hihg=0.3",
+                                  "trace_samples_per_step=-1"])
+    errors = e.value.errors
+    assert errors == [
+        "override 'steps' is not key=value (e.g. rollout.group_size=4)",
+        "rollout.top_k: the value '[1' is not valid YAML: expected ',' or ']', but got "
+        "'<stream end>' (line 1, column 3)",
+        "unknown key 'rollout.group_sise' -- did you mean 'rollout.group_size'?",
+        "unknown key 'algorithm.loss.clip_hihg': loss 'ppo' takes "
+        "['clip_high', 'clip_low', 'dual_clip'] -- did you mean 'algorithm.loss.clip_high'?",
+        "lora.lora_alpha: must be > 0, got 0.0",
+        "data.n_train: must be >= 1 (null = the whole split), got 0",
+        "rollout.top_p: must be in (0, 1], got 1.5",
+        "optimizer.warmup_steps: must be >= 0, got -3",
+        "checkpoint_interval: must be >= 0 (0 = never), got -1",
+        "trace_samples_per_step: must be >= 0, got -1",
+    ]
+    assert str(e.value) == "\n".join(errors)
+
+
+def test_checkpoint_interval_is_named_itself():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["checkpoint_interval=-1"])
+    assert e.value.errors == ["checkpoint_interval: must be >= 0 (0 = never), got -1"]
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["eval_interval=-2", "checkpoint_interval=-1"])
+    assert [x.split(":")[0] for x in e.value.errors] == ["eval_interval", "checkpoint_interval"]
+
+
+def test_a_recipe_that_is_not_yaml_fails_with_the_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rollout:\n  top_p: [0.5\nsteps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe))
+    (line,) = e.value.errors
+    assert line.startswith(f"recipe {str(recipe)!r}: not valid YAML: ") and "line 3" in line
+
+
+def test_a_config_built_in_python_is_checked_too():
+    import dataclasses
+    import pickle
+
+    from mtrl_jax.config import RolloutSection
+
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(rollout=RolloutSection(top_p=2.0, top_k=-1))
+    assert e.value.errors == ["rollout.top_p: must be in (0, 1], got 2.0",
+                              "rollout.top_k: must be >= 0 (0 = off), got -1"]
+    with pytest.raises(ConfigError, match=r"^seed: must be >= 0, got -1$"):
+        dataclasses.replace(load_config(), seed=-1)
+    again = pickle.loads(pickle.dumps(e.value))  # e.g. from a rollout worker
+    assert again.errors == e.value.errors

@@ -30,7 +30,8 @@ def _segments():
 
 
 def _setup(*overrides):
-    c = load_config(overrides=TINY + ["packing.row_lengths=[16]", *overrides])
+    c = load_config(overrides=TINY + ["packing.row_lengths=[16]", "rollout.max_context_tokens=16",
+                                      *overrides])
     _, model = build_policy(c)
     graphdef, lora, base = split_lora(model)
     tx, _ = make_optimizer(c)

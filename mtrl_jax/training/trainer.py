@@ -239,10 +239,6 @@ class MultiTurnRLTrainer:
 
     def _build(self, tracking_uri: str | None, resume: bool | str) -> None:
         c = self.config
-        r = c.rollout
-        if r.max_context_tokens > max(c.packing.row_lengths):
-            raise ValueError(f"rollout.max_context_tokens={r.max_context_tokens} exceeds the "
-                             f"longest packing row {max(c.packing.row_lengths)}")
         self.tokenizer, model = build_policy(c)
         self.graphdef, self.lora, self.base = split_lora(model)
         self.tx, self.schedule = make_optimizer(c)
