@@ -1,5 +1,5 @@
 """Verifiable execution: a safe arithmetic evaluator, a locked-down in-memory SQLite database,
-and Python code run in a resource-limited subprocess.
+and Python code run under OS-level isolation (re-exported from :mod:`mtrl_jax.envs.code_sandbox`).
 
 These back environments whose outcome is checked by execution rather than judged: the agent's
 arithmetic, SQL or code is run and its result compared with the task's.
@@ -10,17 +10,8 @@ from __future__ import annotations
 import ast
 import math
 import operator
-import os
-import resource
-import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
-import tempfile
-import textwrap
 import time
-from dataclasses import dataclass
 from typing import Any
 
 # ---------------------------------------------------------------------------------- safe math
@@ -205,167 +196,13 @@ class SQLiteSandbox:
 
 # ---------------------------------------------------------------------------------- Python
 
-# Runs inside the child before the user's code: an audit hook that refuses network, process
-# creation, native code loading, and file access outside the sandbox folder (reads of the
-# Python installation itself stay allowed, so imports work).
-_PRELUDE = r'''
-import os as _os, sys as _sys
-_ROOT = _os.path.realpath(_os.getcwd())
-_PY = tuple({_os.path.realpath(p) for p in (_sys.prefix, _sys.base_prefix, _sys.exec_prefix)})
-_DENY_EVENTS = ("socket.", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec",
-                "os.system", "subprocess.", "os.kill", "os.killpg", "ctypes.", "os.putenv",
-                "os.unsetenv", "pty.", "resource.setrlimit", "sys.remote_exec", "mmap.")
-_DENY_MODULES = {"ctypes", "_ctypes", "cffi", "socket", "_socket", "multiprocessing",
-                 "subprocess", "_posixsubprocess"}
-def _inside(path, roots):
-    p = _os.path.realpath(path)
-    return any(p == r or p.startswith(r + _os.sep) for r in roots)
-def _hook(event, args):
-    if event.startswith(_DENY_EVENTS):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "import" and args and str(args[0]).split(".")[0] in _DENY_MODULES:
-        raise PermissionError(f"sandbox: import of {args[0]} is not allowed")
-    if event == "open" and args and isinstance(args[0], (str, bytes)):
-        path = _os.fsdecode(args[0])
-        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else "r"
-        writing = any(c in mode for c in "wax+")
-        if not _inside(path, (_ROOT,)) and (writing or not _inside(path, _PY)):
-            raise PermissionError(f"sandbox: access to {path!r} is not allowed")
-    if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.symlink",
-                 "os.link", "os.truncate", "os.chdir", "os.listdir", "os.scandir"):
-        path = args[0] if args else ""
-        roots = (_ROOT,) + (_PY if event in ("os.listdir", "os.scandir") else ())
-        if isinstance(path, (str, bytes)) and not _inside(_os.fsdecode(path), roots):
-            raise PermissionError(f"sandbox: {event} on {path!r} is not allowed")
-_sys.addaudithook(_hook)
-del _hook
-'''
+# Model-written Python runs under OS-level isolation (bubblewrap): mtrl_jax/envs/code_sandbox.py.
+from mtrl_jax.envs.code_sandbox import (  # noqa: E402 -- re-exported for existing callers
+    PythonLimits,
+    PythonResult,
+    SandboxUnavailable,
+    run_python,
+)
 
-
-@dataclass(frozen=True)
-class PythonLimits:
-    """Resource limits of a sandboxed run."""
-
-    wall_s: float = 5.0
-    cpu_s: int = 3
-    memory_mb: int = 512
-    file_mb: int = 8
-    max_open_files: int = 64
-    max_processes: int = 1
-
-
-@dataclass(frozen=True)
-class PythonResult:
-    stdout: str
-    stderr: str
-    returncode: int | None
-    timed_out: bool
-    stopped_by: str | None  # "wall_timeout", "cpu_limit", "memory_limit", "file_limit",
-    # "sandbox_violation", "signal N", or None for a normal exit
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
-
-    def report(self) -> str:
-        """What the model reads back."""
-        if self.ok:
-            return self.stdout[-4000:] or "(no output)"
-        why = self.stopped_by or f"exit code {self.returncode}"
-        tail = (self.stderr or self.stdout)[-1500:]
-        return f"Execution stopped ({why}).\n{tail}".strip()
-
-
-def _network_isolation_available() -> bool:
-    unshare = shutil.which("unshare")
-    if not unshare:
-        return False
-    try:
-        return subprocess.run([unshare, "-n", "true"], capture_output=True, timeout=5
-                              ).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-_NET_ISOLATION: bool | None = None
-
-
-def run_python(code: str, *, limits: PythonLimits = PythonLimits(),
-               workdir: str | None = None, stdin: str = "") -> PythonResult:
-    """Run ``code`` in a fresh ``python -I`` subprocess with limits and no network.
-
-    - CPU seconds, address space, file size, open files and (for non-root users) process count
-      via ``setrlimit``; a wall-clock timeout kills the whole process group.
-    - No network: a new network namespace (``unshare -n``) where available, and in any case an
-      audit hook that refuses sockets, process creation, ``ctypes`` and file access outside
-      ``workdir`` (a fresh temporary folder by default, removed afterwards).
-    """
-    global _NET_ISOLATION
-    if _NET_ISOLATION is None:
-        _NET_ISOLATION = _network_isolation_available()
-    own_dir = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="mtrl_py_")
-    script = os.path.join(workdir, "main.py")
-    with open(script, "w") as f:
-        f.write(textwrap.dedent(code))
-    runner = _PRELUDE + "\nimport runpy as _r\n_r.run_path('main.py', run_name='__main__')\n"
-
-    def limit():
-        mb = 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files,) * 2)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if os.geteuid() != 0:  # root ignores RLIMIT_NPROC; the audit hook covers it
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes,) * 2)
-
-    cmd = [sys.executable, "-I", "-S", "-c", runner]
-    if _NET_ISOLATION:
-        cmd = [shutil.which("unshare"), "-n", *cmd]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
-    try:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=limit, start_new_session=True)
-        timed_out = False
-        try:
-            out, err = proc.communicate(stdin.encode(), timeout=limits.wall_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-            out, err = proc.communicate()
-        finally:
-            _kill_group(proc)  # anything the program left behind
-        stdout = out.decode("utf-8", "replace")[-20000:]
-        stderr = err.decode("utf-8", "replace")[-20000:]
-        return PythonResult(stdout, stderr, proc.returncode, timed_out,
-                            _why(proc.returncode, timed_out, stderr))
-    finally:
-        if own_dir:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _why(returncode: int | None, timed_out: bool, stderr: str) -> str | None:
-    if timed_out:
-        return "wall_timeout"
-    if returncode is None or returncode == 0:
-        return None
-    if returncode < 0:
-        sig = -returncode
-        return {signal.SIGXCPU: "cpu_limit", signal.SIGKILL: "cpu_limit_or_killed",
-                signal.SIGXFSZ: "file_limit"}.get(sig, f"signal {sig}")
-    if "PermissionError: sandbox:" in stderr:
-        return "sandbox_violation"
-    if "MemoryError" in stderr:
-        return "memory_limit"
-    if "File too large" in stderr or "EFBIG" in stderr:
-        return "file_limit"
-    return None
+__all__ = ["MathError", "PythonLimits", "PythonResult", "SQLiteSandbox", "SandboxUnavailable",
+           "run_python", "safe_eval"]
