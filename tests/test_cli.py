@@ -167,8 +167,7 @@ TINY_RUN = ["data.task=math:arith", "model.path=null", "model.tokenizer=byte",
 
 def test_sigterm_saves_a_checkpoint_and_a_second_run_on_the_folder_is_refused(tmp_path):
     """``mtrl train`` as a user runs it: a second run on a folder in use stops at once naming
-    the holder; SIGTERM ends the first with exit 143, a checkpoint and the run KILLED; the
-    same command resumes it."""
+    the holder; SIGTERM ends the first with exit 143, a checkpoint and the run KILLED."""
     import signal
     import time
 
@@ -204,9 +203,4 @@ def test_sigterm_saves_a_checkpoint_and_a_second_run_on_the_folder_is_refused(tm
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("mtrl_demo").experiment_id])
     assert run.info.status == "KILLED"
-    # the same command resumes (here to one step past the checkpoint)
-    again = subprocess.run([*args, f"steps={saved[-1] + 1}"], capture_output=True, text=True,
-                           cwd=tmp_path, timeout=240)
-    assert again.returncode == 0, again.stderr
-    assert f"resumed from step {saved[-1]}" in again.stdout
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    # (resuming after SIGTERM, exactly: tests/test_trainer.py, in-process to save CI time)

@@ -29,10 +29,13 @@ def echo(text: str) -> str:
 
 
 def episode_logprobs(model, tokens):
-    t = jnp.asarray(tokens, jnp.int32)[None]
-    n = t.shape[1]
-    return np.asarray(token_logprobs(model, t, jnp.arange(n)[None],
-                                     jnp.ones((1, n), jnp.int32)).logprobs[0])
+    """A full forward of ``tokens``; padded at the end to a multiple of 256 (causal: later
+    tokens change nothing before them) so that episodes of many lengths share a few programs."""
+    n = len(tokens)
+    length = -(-n // 256) * 256
+    t = jnp.asarray(list(tokens) + [0] * (length - n), jnp.int32)[None]
+    return np.asarray(token_logprobs(model, t, jnp.arange(length)[None],
+                                     jnp.ones((1, length), jnp.int32)).logprobs[0])[:n]
 
 
 def test_sampler_in_the_loop_matches_full_forward():
