@@ -102,12 +102,6 @@ class Checkpoints:
             shutil.move(src, os.path.join(dst_dir, f"{step}-{int(time.time())}"))
         self._mngr = None  # the manager caches the step list
 
-    def latest_meta(self) -> dict[str, Any] | None:
-        step = self.latest_step()
-        if step is None:
-            return None
-        return self.meta(step)
-
     def meta(self, step: int) -> dict[str, Any]:
         import orbax.checkpoint as ocp
 

@@ -210,7 +210,7 @@ class MultiTurnRLTrainer:
         """A fresh start: another run's checkpoints must not be resumed by a later plain run."""
         out = self.config.output_dir
         ck = Checkpoints(os.path.join(out, "checkpoints"))
-        steps = ck.steps() if os.path.isdir(ck.directory) else []
+        steps = ck.steps()
         if not steps:
             return
         if on_existing == "refuse":
