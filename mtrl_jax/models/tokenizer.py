@@ -64,8 +64,17 @@ CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_c
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """The tokenizer (and its chat template) of a local checkpoint directory; never downloads."""
+    """The tokenizer (and its chat template) of a local checkpoint directory or ``.gguf`` file;
+    never downloads."""
     path = os.fspath(path)
+    from mtrl_jax.models.gguf import GGUFCheckpoint, is_gguf
+
+    if is_gguf(path):
+        tok = GGUFCheckpoint(path).tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{path}: the GGUF file has no chat template "
+                             "(tokenizer.chat_template)")
+        return tok
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
     cls_name = None
