@@ -261,7 +261,7 @@ class GGUFCheckpoint:
         plain, _ = rope_frequencies(base)
         factor = float(divisors.max())
         orig_ctx = self._arch_field("rope.scaling.original_context_length", None)
-        for orig in ([int(orig_ctx)] if orig_ctx else [8192, 4096, 16384]):
+        for orig in ([int(orig_ctx)] if orig_ctx else [2 ** k for k in range(6, 18)]):
             for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
                 params = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                           "high_freq_factor": high, "original_max_position_embeddings": orig}
