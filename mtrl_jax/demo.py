@@ -286,16 +286,18 @@ def sft(model, trajs, cfg: WarmupConfig, *, verbose: bool = True) -> list[float]
 
 def run_demo(*, seeds: list[int] | tuple[int, ...] = (0,), output_dir: str = "runs/demo",
              overrides: list[str] | None = None, warmup_cfg: WarmupConfig = WarmupConfig(),
-             verbose: bool = True) -> dict[str, Any]:
-    """Warm-up (cached), then per seed: test-split evaluation of the base, RL, evaluation of
-    the trained policy. Returns and writes ``<output_dir>/demo_results.json``."""
+             verbose: bool = True, base: str | None = None,
+             recipe: str = DEMO_RECIPE) -> dict[str, Any]:
+    """Warm-up (cached; or ``base``, a warm checkpoint folder), then per seed: test-split
+    evaluation of the base, RL with ``recipe``, evaluation of the trained policy. Returns and
+    writes ``<output_dir>/demo_results.json``."""
     from mtrl_jax.training.trainer import MultiTurnRLTrainer
 
-    base = warmup(warmup_cfg, verbose=verbose)
+    base = base or warmup(warmup_cfg, verbose=verbose)
     results: dict[str, Any] = {"base_checkpoint": base, "seeds": {}}
     for seed in seeds:
         run_dir = os.path.join(output_dir, f"seed{seed}")
-        trainer = MultiTurnRLTrainer(DEMO_RECIPE, overrides=[
+        trainer = MultiTurnRLTrainer(recipe, overrides=[
             f"model.path={base}", f"seed={seed}", f"output_dir={run_dir}",
             f"run_name=demo-seed{seed}", *(overrides or [])], resume=False,
             on_existing="overwrite", verbose=verbose)

@@ -14,6 +14,7 @@ schemas as JSON lines inside ``<tools></tools>`` in the system turn, calls as
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -80,8 +81,6 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     cls_name = None
     cfg_file = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(cfg_file):
-        import json
-
         with open(cfg_file) as f:
             cls_name = json.load(f).get("tokenizer_class")
     if cls_name in ("TokenizersBackend", "PreTrainedTokenizerFast"):
@@ -96,11 +95,59 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return tok
 
 
+_PROBE_TOOL_NAME = "mtrl_probe_tool_3f9c"
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": _PROBE_TOOL_NAME, "description": "probe",
+    "parameters": {"type": "object", "properties": {}}}}
+
+
+def template_renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template shows the ``tools`` it is given (many instruct templates,
+    SmolLM2's among them, have no tool section and drop them silently)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                         tools=[_PROBE_TOOL], tokenize=False,
+                                         add_generation_prompt=True)
+    return _PROBE_TOOL_NAME in text
+
+
+def tools_system_text(tools: list[dict[str, Any]], system: str | None = None) -> str:
+    """The system message that carries ``tools`` when the template cannot: the same words as
+    :data:`TOOL_CHAT_TEMPLATE`'s tool section (Hermes format: JSON signatures in ``<tools>``,
+    calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``), which is what
+    :func:`mtrl_jax.rollout.parsing.parse_tool_calls` reads back."""
+    lines = [system if system is not None else "You are a helpful assistant.", "", "# Tools", "",
+             "Function signatures, one JSON object per line:", "<tools>"]
+    lines += [json.dumps(t, ensure_ascii=False) for t in tools]
+    lines += ["</tools>", "", "To call a function, answer with one JSON object per call inside "
+              "tags:", "<tool_call>", '{"name": <function-name>, "arguments": '
+              '<args-json-object>}', "</tool_call>"]
+    return "\n".join(lines)
+
+
+def with_tools_in_system(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+                         ) -> list[dict[str, Any]]:
+    """``messages`` with the tool section of :func:`tools_system_text` in the system message
+    (added first when there is none)."""
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "content": tools_system_text(tools, messages[0]["content"])},
+                *messages[1:]]
+    return [{"role": "system", "content": tools_system_text(tools)}, *messages]
+
+
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *,
                 tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
-                **template_kwargs) -> str:
-    """The conversation as the model's template renders it (tools in OpenAI function format)."""
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                template_has_tools: bool | None = None, **template_kwargs) -> str:
+    """The conversation as the model's template renders it (tools in OpenAI function format).
+
+    Tool fallback: when the template does not render ``tools`` (``template_has_tools``; found
+    out by :func:`template_renders_tools` when None), the tool specs go into the system message
+    by :func:`with_tools_in_system` instead, so they reach the model whatever its template."""
+    if tools:
+        if template_has_tools is None:
+            template_has_tools = template_renders_tools(tokenizer)
+        if not template_has_tools:
+            messages, tools = with_tools_in_system(messages, tools), None
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                          add_generation_prompt=add_generation_prompt,
                                          **template_kwargs)
 

@@ -3,7 +3,9 @@
 One episode:
 
 1. ``env.setup(task)``; the system prompt, user prompt and tool schemas are rendered with the
-   model's chat template and tokenised once -- the episode's first context tokens.
+   model's chat template and tokenised once -- the episode's first context tokens. A template
+   without a tool section (SmolLM2's, many base-model templates) gets the tool schemas in the
+   system message instead (:func:`~mtrl_jax.models.tokenizer.render_chat`'s fallback).
 2. Each turn the :class:`~mtrl_jax.rollout.sampler.Sampler` continues the episode's token
    sequence; the sampled tokens enter the trajectory as they are (loss mask 1, behaviour
    log-probs, turn index). The turn's text is parsed for ``<tool_call>`` blocks.
@@ -39,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from mtrl_jax.envs.base import Environment, Episode, Task, ToolError, format_tool_result
+from mtrl_jax.models.tokenizer import render_chat, template_renders_tools
 from mtrl_jax.rollout.parsing import parse_tool_calls
 from mtrl_jax.rollout.sampler import Sampler
 from mtrl_jax.rollout.trajectory import Sample, ToolCallRecord, Trajectory
@@ -181,13 +184,17 @@ class AgentLoop:
         self.config = config
         self.stop_token_id = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
         self.stop_text = tokenizer.decode([self.stop_token_id], skip_special_tokens=False)
+        self._template_has_tools: bool | None = None  # found out on first use
 
     # ------------------------------------------------------------------ rendering
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        if tools and self._template_has_tools is None:
+            self._template_has_tools = template_renders_tools(self.tokenizer)
+        return render_chat(self.tokenizer, messages, tools=tools or None,
+                           add_generation_prompt=add_generation_prompt,
+                           template_has_tools=self._template_has_tools)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
