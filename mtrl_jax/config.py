@@ -83,7 +83,8 @@ class ModelSection:
         hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
         head_dim=32, tie_word_embeddings=True))
     tokenizer: str = "byte"
-    dtype: str = "float32"
+    dtype: str = "float32"  # activations and matmuls
+    param_dtype: str = "float32"  # the frozen base weights (LoRA weights and optimizer: f32)
     warmup_checkpoint: str | None = None  # a base the demo's SFT warm-up wrote (see demo.py)
 
 
@@ -389,6 +390,7 @@ _RULES: dict[str, Any] = {
     "model.tiny": None,  # without model.path: _check_model
     "model.tokenizer": None,  # _check_model
     "model.dtype": _float_dtype,
+    "model.param_dtype": _float_dtype,
     "model.warmup_checkpoint": _optional(_non_empty),
     "lora.lora_rank": _at_least(1),
     "lora.lora_alpha": _above(0),

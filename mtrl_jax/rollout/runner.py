@@ -36,14 +36,16 @@ def build_policy(config):
     lora = LoRAConfig(rank=lo.lora_rank, alpha=lo.lora_alpha, targets=tuple(lo.targets))
     if m.path is not None:
         tokenizer = load_tokenizer(m.path)
-        model = load_model(m.path, lora=lora, seed=config.seed, dtype=m.dtype)
+        model = load_model(m.path, lora=lora, seed=config.seed, dtype=m.dtype,
+                           param_dtype=m.param_dtype)
         return tokenizer, model
     if m.tokenizer != "byte":
         raise ValueError(f"model.tokenizer={m.tokenizer!r} needs model.path (a checkpoint "
                          "directory holding that tokenizer, e.g. the demo's warm-up output)")
     tokenizer = build_byte_tokenizer()
     cfg = ModelConfig(**{"model_type": "qwen2", "vocab_size": len(tokenizer),
-                         "max_position_embeddings": 4096, "dtype": m.dtype, **m.tiny})
+                         "max_position_embeddings": 4096, "dtype": m.dtype,
+                         "param_dtype": m.param_dtype, **m.tiny})
     model = CausalLM(cfg, lora, rngs=nnx.Rngs(config.seed))
     return tokenizer, model
 
