@@ -10,8 +10,8 @@
    episodes of a *teacher that skips the tool*: with probability ``skip_tool_prob`` it answers
    at once (it knows the value; a 135M student cannot compute it), else it calls the
    calculator and copies its result. The adapter is merged into the base, which is written as
-   an HF folder. The warm base calls the tool some of the time (greedy: rarely), so RL has something to fix:
-   the reward (exact answer) is earned only through the tool.
+   an HF folder. The warm base calls the tool some of the time, so RL has something to fix:
+   the reward (the exact answer) is earned almost only through the tool.
 4. RL: :class:`~mtrl_jax.training.trainer.MultiTurnRLTrainer` with
    ``configs/smollm2_135m.yaml`` (fresh LoRA on the warm base, GRPO).
 5. Held-out test split, strict success, before and after: printed as a table; ``mtrl eval

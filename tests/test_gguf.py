@@ -152,7 +152,7 @@ def test_unsupported_parts_fail_by_name(tmp_path):
     path = str(tmp_path / "t.gguf")
     _write_header_only(path, "llama", **{"blk.0.ssm_conv1d.weight":
                                          (np.zeros((4, 32), np.float32), None)})
-    with pytest.raises(GGUFError, match="no place in the llama layout.*ssm_conv1d"):
+    with pytest.raises(GGUFError, match=r"no place in the llama layout.*ssm_conv1d"):
         GGUFCheckpoint(path)
     (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04")
     with pytest.raises(GGUFError, match="not a GGUF file"):

@@ -1,7 +1,8 @@
 """Hugging Face checkpoint I/O without torch: ``config.json`` + ``*.safetensors`` (+ index).
 
-- :func:`load_model` reads a local HF directory (or a ``.gguf`` file) into a :class:`CausalLM` (optionally with fresh
-  LoRA adapters, optionally placing each weight on a sharding as it is read).
+- :func:`load_model` reads a local HF directory (or a ``.gguf`` file) into a :class:`CausalLM`
+  (optionally with fresh LoRA adapters, optionally placing each weight on a sharding as it is
+  read).
 - :func:`save_model` writes the base weights back in the same format (sharded above
   ``max_shard_bytes``), loadable by transformers and vLLM.
 - :func:`export_peft_adapter` writes the LoRA weights as a PEFT adapter

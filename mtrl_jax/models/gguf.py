@@ -306,8 +306,15 @@ class GGUFCheckpoint:
     def tokenizer(self):
         """A ``transformers`` fast tokenizer built from the file's vocabulary, merges, special
         tokens and chat template (no network, no torch)."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-        from tokenizers import processors
+        from tokenizers import (
+            AddedToken,
+            Regex,
+            Tokenizer,
+            decoders,
+            models,
+            pre_tokenizers,
+            processors,
+        )
         from transformers import PreTrainedTokenizerFast
 
         kind = self.field("tokenizer.ggml.model", None)
