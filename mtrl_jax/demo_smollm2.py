@@ -199,9 +199,45 @@ def run_smollm2_demo(*, seeds=(0,), output_dir: str = "runs/smollm2",
                      overrides: list[str] | None = None,
                      warmup_cfg: SmolWarmupConfig = SmolWarmupConfig(),
                      verbose: bool = True) -> dict[str, Any]:
-    """Warm-up (cached), then per seed: base evaluation, RL, evaluation (see :mod:`demo`)."""
-    from mtrl_jax.demo import run_demo
+    """Warm-up (cached), then per seed: RL with ``configs/smollm2_135m.yaml``, then the external
+    evaluation of the warm base and the trained adapter side by side on the held-out test split
+    (what ``mtrl eval --run <run> --base`` does: strict success with a bootstrap CI over tasks).
+    Writes ``<output_dir>/demo_results.json``."""
+    from mtrl_jax.evaluation.evaluator import MultiTurnRLEvaluator
+    from mtrl_jax.training.trainer import MultiTurnRLTrainer
 
     base = warmup(warmup_cfg, verbose=verbose)
-    return run_demo(seeds=seeds, output_dir=output_dir, overrides=overrides, base=base,
-                    recipe=SMOL_RECIPE, verbose=verbose)
+    results: dict[str, Any] = {"base_checkpoint": base, "seeds": {}}
+    for seed in seeds:
+        run_dir = os.path.join(output_dir, f"seed{seed}")
+        trainer = MultiTurnRLTrainer(SMOL_RECIPE, overrides=[
+            f"model.path={base}", f"seed={seed}", f"output_dir={run_dir}",
+            f"run_name=smollm2-seed{seed}", *(overrides or [])], resume=False,
+            on_existing="overwrite", verbose=verbose)
+        t0 = time.perf_counter()
+        trainer.train()
+        rl_seconds = time.perf_counter() - t0
+        url = trainer.get_mlflow_url()
+        trainer.close()
+        with open(os.path.join(run_dir, "config.json")) as f:
+            recipe = json.load(f)
+        ev = MultiTurnRLEvaluator(None, adapter=os.path.join(run_dir, "adapter"), recipe=recipe,
+                                  split="test", evaluate_base_model=True, seed=seed,
+                                  output_dir=os.path.join(run_dir, "eval"), verbose=verbose)
+        res = ev.evaluate()
+        key = "greedy/strict_success"
+        row = {"base": res["models"]["base"][key], "trained": res["models"]["finetuned"][key],
+               "diff": res["diff"].get(key, {}), "rl_seconds": rl_seconds,
+               "steps": trainer.step, "mlflow": url, "eval_results": ev.results_path}
+        results["seeds"][seed] = row
+        if verbose:
+            d = row["diff"]
+            print(f"[smollm2] seed {seed}: held-out strict success {row['base']:.3f} -> "
+                  f"{row['trained']:.3f} ({d.get('diff', float('nan')):+.3f}, 95% CI "
+                  f"{d.get('ci95', [float('nan')] * 2)[0]:+.3f} .. "
+                  f"{d.get('ci95', [float('nan')] * 2)[1]:+.3f}); RL {rl_seconds:.0f} s for "
+                  f"{trainer.step} steps", flush=True)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "demo_results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    return results
