@@ -85,6 +85,7 @@ class ModelSection:
     tokenizer: str = "byte"
     dtype: str = "float32"  # activations and matmuls
     param_dtype: str = "float32"  # the frozen base weights (LoRA weights and optimizer: f32)
+    remat: bool = False  # recompute each layer in the train step's backward (memory for time)
     warmup_checkpoint: str | None = None  # a base the demo's SFT warm-up wrote (see demo.py)
 
 
@@ -391,6 +392,7 @@ _RULES: dict[str, Any] = {
     "model.tokenizer": None,  # _check_model
     "model.dtype": _float_dtype,
     "model.param_dtype": _float_dtype,
+    "model.remat": None,
     "model.warmup_checkpoint": _optional(_non_empty),
     "lora.lora_rank": _at_least(1),
     "lora.lora_alpha": _above(0),

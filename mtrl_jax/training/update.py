@@ -47,7 +47,8 @@ def make_loss_fn(config):
 
     def loss_fn(model, batch):
         stats = token_logprobs(model, batch["tokens"], batch["positions"],
-                               batch["segment_ids"], with_entropy=exact_entropy)
+                               batch["segment_ids"], with_entropy=exact_entropy,
+                               remat=config.model.remat)
         old = batch["old_logprobs"] if "old_logprobs" in batch else \
             jax.lax.stop_gradient(stats.logprobs)
         inputs = PolicyLossInputs(
