@@ -37,9 +37,10 @@ def test_remat_loss_and_lora_gradients_equal_the_plain_step():
 
         results.append(jax.value_and_grad(f)(lora))
         jaxpr = str(jax.make_jaxpr(f)(lora))
-        counts.append(jaxpr.count("checkpoint") + jaxpr.count("remat"))
-    # the LM head's chunks are rematerialised either way; remat adds one per layer
-    assert counts[1] >= counts[0] + LAYOUTS["qwen3"].num_layers
+        counts.append((jaxpr.count("checkpoint") + jaxpr.count("remat"), jaxpr.count("scan")))
+    # the LM head's chunks are rematerialised either way; remat adds the layers' checkpointed
+    # scan (a loop of checkpoints does not bound memory on XLA:CPU; see hidden_states)
+    assert counts[1][0] > counts[0][0] and counts[1][1] > counts[0][1]
     (l0, g0), (l1, g1) = results
     assert abs(float(l0)) > 1e-4
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)

@@ -507,17 +507,35 @@ class CausalLM(nnx.Module):
         x = self.embed(tokens)
         cos, sin = self.rope(positions)
         mask = packed_mask(segment_ids)
-        for layer in self.layers:
-            if remat:
-                graphdef, state = nnx.split(layer)
-
-                def run(state, x, cos, sin, mask, graphdef=graphdef):
-                    return nnx.merge(graphdef, state)(x, cos, sin, mask, use_lora)
-
-                x = jax.checkpoint(run)(state, x, cos, sin, mask)
-            else:
+        if remat:
+            x = self._remat_layers(x, cos, sin, mask, use_lora)
+        else:
+            for layer in self.layers:
                 x = layer(x, cos, sin, mask, use_lora)
         return self.norm(x)
+
+    def _remat_layers(self, x, cos, sin, mask, use_lora):
+        """The layers under ``jax.checkpoint``, as a ``lax.scan`` over their stacked weights.
+
+        A Python loop of checkpointed layers does not bound memory on XLA:CPU: its scheduler
+        runs every layer's recomputation early, so each layer's attention probabilities stay
+        live (measured: 0.55 GiB per SmolLM2 layer on 5 rows of 1,280 tokens, with or without
+        checkpointing). Inside a scan the backward recomputes one layer at a time. Layers
+        with different structures (none of the supported layouts) keep the loop."""
+        splits = [nnx.split(layer) for layer in self.layers]
+        graphdef = splits[0][0]
+
+        def run(state, x):
+            return nnx.merge(graphdef, state)(x, cos, sin, mask, use_lora)
+
+        if any(gd != graphdef for gd, _ in splits[1:]):
+            for gd, state in splits:
+                x = jax.checkpoint(lambda st, x, gd=gd: nnx.merge(gd, st)(
+                    x, cos, sin, mask, use_lora))(state, x)
+            return x
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in splits])
+        x, _ = jax.lax.scan(lambda x, st: (jax.checkpoint(run)(st, x), None), x, stacked)
+        return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., H] -> [..., V]`` float32 logits (full vocabulary: small inputs only;
