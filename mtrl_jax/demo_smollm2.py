@@ -203,11 +203,12 @@ def run_smollm2_demo(*, seeds=(0,), output_dir: str = "runs/smollm2",
     evaluation of the warm base and the trained adapter side by side on the held-out test split
     (what ``mtrl eval --run <run> --base`` does: strict success with a bootstrap CI over tasks).
     Writes ``<output_dir>/demo_results.json``."""
-    from mtrl_jax.evaluation.evaluator import MultiTurnRLEvaluator
+    from mtrl_jax.evaluation.evaluator import MultiTurnRLEvaluator, bootstrap_diff
     from mtrl_jax.training.trainer import MultiTurnRLTrainer
 
     base = warmup(warmup_cfg, verbose=verbose)
     results: dict[str, Any] = {"base_checkpoint": base, "seeds": {}}
+    base_scores = None
     for seed in seeds:
         run_dir = os.path.join(output_dir, f"seed{seed}")
         trainer = MultiTurnRLTrainer(SMOL_RECIPE, overrides=[
@@ -221,22 +222,33 @@ def run_smollm2_demo(*, seeds=(0,), output_dir: str = "runs/smollm2",
         trainer.close()
         with open(os.path.join(run_dir, "config.json")) as f:
             recipe = json.load(f)
+        # the base is evaluated once: greedy on the same test tasks, it scores the same for
+        # every RL seed; later seeds pair their per-task scores with the first seed's base
         ev = MultiTurnRLEvaluator(None, adapter=os.path.join(run_dir, "adapter"), recipe=recipe,
-                                  split="test", evaluate_base_model=True, seed=seed,
-                                  output_dir=os.path.join(run_dir, "eval"), verbose=verbose)
+                                  split="test", evaluate_base_model=base_scores is None,
+                                  seed=seed, output_dir=os.path.join(run_dir, "eval"),
+                                  verbose=verbose)
         res = ev.evaluate()
         key = "greedy/strict_success"
-        row = {"base": res["models"]["base"][key], "trained": res["models"]["finetuned"][key],
-               "diff": res["diff"].get(key, {}), "rl_seconds": rl_seconds,
+        if base_scores is None:
+            base_scores = res["per_task"]["base"][key]
+        trained = res["per_task"]["finetuned"][key]
+        diff, lo, hi = bootstrap_diff(np.array(base_scores), np.array(trained), seed=seed)
+        row = {"base": float(np.mean(base_scores)), "trained": float(np.mean(trained)),
+               "diff": {"diff": diff, "ci95": [lo, hi]}, "rl_seconds": rl_seconds,
                "steps": trainer.step, "mlflow": url, "eval_results": ev.results_path}
         results["seeds"][seed] = row
         if verbose:
-            d = row["diff"]
             print(f"[smollm2] seed {seed}: held-out strict success {row['base']:.3f} -> "
-                  f"{row['trained']:.3f} ({d.get('diff', float('nan')):+.3f}, 95% CI "
-                  f"{d.get('ci95', [float('nan')] * 2)[0]:+.3f} .. "
-                  f"{d.get('ci95', [float('nan')] * 2)[1]:+.3f}); RL {rl_seconds:.0f} s for "
-                  f"{trainer.step} steps", flush=True)
+                  f"{row['trained']:.3f} ({diff:+.3f}, 95% CI {lo:+.3f} .. {hi:+.3f}, "
+                  f"bootstrap over tasks); RL {rl_seconds:.0f} s for {trainer.step} steps",
+                  flush=True)
+    if len(seeds) > 1:
+        gains = [r["diff"]["diff"] for r in results["seeds"].values()]
+        results["mean_gain"] = float(np.mean(gains))
+        if verbose:
+            print(f"[smollm2] mean gain over {len(seeds)} seeds: {np.mean(gains):+.3f} "
+                  f"(per seed {', '.join(f'{g:+.3f}' for g in gains)})", flush=True)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
