@@ -181,3 +181,21 @@ def test_spm_tokenizer_is_refused_by_name(tmp_path):
     with pytest.raises(GGUFError, match="unsupported tokenizer model 'llama'"):
         load_tokenizer(tmp_path / "spm.gguf")
     load_model(tmp_path / "spm.gguf")  # the weights themselves still load
+
+
+def test_cli_convert_and_fetch_model_errors(tmp_path, capsys):
+    from mtrl_jax.cli import main
+
+    path = str(tmp_path / "m.gguf")
+    write_tiny_gguf(LAYOUTS["qwen3"], path, str(tmp_path / "src"), qtype=QT.Q4_0)
+    assert main(["convert", path, str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip().endswith("out")
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    assert load_tokenizer(tmp_path / "out").chat_template
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 4)
+    assert main(["convert", str(tmp_path / "bad.gguf"), str(tmp_path / "o2")]) == 2
+    assert main(["convert", str(tmp_path / "missing.gguf"), str(tmp_path / "o3")]) == 2
+    assert "no GGUF file" in capsys.readouterr().err
+    assert main(["fetch-model", "no-such-model"]) == 2
+    assert "known: smollm2-135m" in capsys.readouterr().err
