@@ -39,7 +39,10 @@ LORA = LoRAConfig(rank=4, alpha=8.0)
 HAVE_CXX = find_compiler() is not None  # the CPU decode-attention kernel builds
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+# llama's variant is the slowest (75 s in CI); it runs with `-m slow` (the llama layout's logits
+# stay covered by tests/test_models_torch.py and tests/test_gguf.py in the default run)
+@pytest.mark.parametrize("layout", [pytest.param("llama", marks=pytest.mark.slow), "qwen2",
+                                    "qwen3"])
 def test_chunked_logprobs_match_full_softmax(layout):
     model = perturbed_model(LAYOUTS[layout], LORA)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 101, (2, 13)))
@@ -202,7 +205,8 @@ def test_prepared_decode_weights_give_the_same_logits(layout, fold, transpose):
         assert not np.allclose(logits, tuned(tokens, use_lora=False), atol=1e-3)
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", [pytest.param("llama", marks=pytest.mark.slow), "qwen2",
+                                    "qwen3"])  # llama: 68 s in CI, run with `-m slow`
 def test_feature_major_decode_step_equals_extend(layout):
     """The CPU decode step (kernels [out, in], activations [features, rows]) gives the logits
     and the cache of ``extend`` + ``logits`` on the unprepared model; a row fed nothing keeps
