@@ -204,6 +204,7 @@ def run_smollm2_demo(*, seeds=(0,), output_dir: str = "runs/smollm2",
     (what ``mtrl eval --run <run> --base`` does: strict success with a bootstrap CI over tasks).
     Writes ``<output_dir>/demo_results.json``."""
     from mtrl_jax.evaluation.evaluator import MultiTurnRLEvaluator, bootstrap_diff
+    from mtrl_jax.evaluation.metrics import mean_ci
     from mtrl_jax.training.trainer import MultiTurnRLTrainer
 
     base = warmup(warmup_cfg, verbose=verbose)
@@ -243,13 +244,26 @@ def run_smollm2_demo(*, seeds=(0,), output_dir: str = "runs/smollm2",
                   f"{row['trained']:.3f} ({diff:+.3f}, 95% CI {lo:+.3f} .. {hi:+.3f}, "
                   f"bootstrap over tasks); RL {rl_seconds:.0f} s for {trainer.step} steps",
                   flush=True)
-    if len(seeds) > 1:
-        gains = [r["diff"]["diff"] for r in results["seeds"].values()]
-        results["mean_gain"] = float(np.mean(gains))
-        if verbose:
-            print(f"[smollm2] mean gain over {len(seeds)} seeds: {np.mean(gains):+.3f} "
-                  f"(per seed {', '.join(f'{g:+.3f}' for g in gains)})", flush=True)
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "demo_results.json"), "w") as f:
+    path = os.path.join(output_dir, "demo_results.json")
+    # seeds run by earlier invocations on the same warm base join the summary (a seed run again
+    # replaces its old row)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("base_checkpoint") == base:
+            for s, row in old.get("seeds", {}).items():
+                results["seeds"].setdefault(int(s), row)
+    results["seeds"] = dict(sorted(results["seeds"].items()))
+    gains = [r["diff"]["diff"] for r in results["seeds"].values()]
+    if len(gains) > 1:
+        mean, lo, hi = mean_ci(gains)
+        results["gain_over_seeds"] = {"n_seeds": len(gains), "mean": mean, "ci95": [lo, hi],
+                                      "per_seed": gains}
+        if verbose:
+            print(f"[smollm2] gain over {len(gains)} seeds: mean {mean:+.3f}, 95% CI "
+                  f"{lo:+.3f} .. {hi:+.3f} (t over seeds; per seed "
+                  f"{', '.join(f'{g:+.3f}' for g in gains)})", flush=True)
+    with open(path, "w") as f:
         json.dump(results, f, indent=2, default=str)
     return results

@@ -208,3 +208,27 @@ def per_task_scores(play: Play) -> dict[str, list[float]]:
             float(np.mean([is_strict_success(t) for t in play.sampled[i * n:(i + 1) * n]]))
             for i in scored]
     return out
+
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.960)
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"t95 needs at least 1 degree of freedom, got {df}")
+    return _T95[df - 1] if df <= len(_T95) else 1.960
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% confidence interval ``(mean, low, high)`` of independent values (seeds),
+    by Student's t. Needs at least two values: one seed has no spread to report."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size < 2:
+        raise ValueError(f"mean_ci needs at least 2 values, got {x.size}")
+    mean = float(x.mean())
+    half = t95(x.size - 1) * float(x.std(ddof=1)) / np.sqrt(x.size)
+    return mean, mean - half, mean + half
