@@ -90,13 +90,18 @@ def token_logprobs(model: CausalLM, tokens: jax.Array, positions: jax.Array,
                    segment_ids: jax.Array, *, use_lora: bool = True,
                    chunk_size: int | None = None,
                    temperature: float = 1.0, remat: bool = False,
-                   with_entropy: bool = False) -> TokenStats:
+                   with_entropy: bool = False,
+                   parent_ids: jax.Array | None = None) -> TokenStats:
     """Log-probs (and optionally entropies) of every token of packed rows ``[B, L]``.
 
     See the module docstring for the alignment. ``use_lora=False`` gives the reference policy
-    (adapters off) from the same weights.
+    (adapters off) from the same weights. ``parent_ids``: shared prefixes
+    (:meth:`~mtrl_jax.models.transformer.CausalLM.hidden_states`); a segment's first token gets
+    no log-prob even when it continues its parent (the packer keeps every loss token's
+    predecessor in the loss token's own segment).
     """
-    hidden = model.hidden_states(tokens, positions, segment_ids, use_lora=use_lora, remat=remat)
+    hidden = model.hidden_states(tokens, positions, segment_ids, use_lora=use_lora, remat=remat,
+                                 parent_ids=parent_ids)
     b, length, h = hidden.shape
     # hidden at t-1 predicts token t
     prev_hidden = jnp.pad(hidden[:, :-1], ((0, 0), (1, 0), (0, 0)))

@@ -279,13 +279,17 @@ def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
     return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 
 
-def packed_mask(segment_ids: jax.Array) -> jax.Array:
-    """``[B, L, L]``: query i sees key j iff j <= i and both are in the same (non-pad) segment."""
+def packed_mask(segment_ids: jax.Array, parent_ids: jax.Array | None = None) -> jax.Array:
+    """``[B, L, L]``: query i sees key j iff j <= i, key j is not padding, and j is in i's
+    segment -- or, with ``parent_ids [B, L]``, in the segment ``parent_ids[i]`` names (a shared
+    prefix packed once before its children: see :mod:`mtrl_jax.training.packing`; 0 = none)."""
     length = segment_ids.shape[1]
     idx = jnp.arange(length)
     causal = idx[None, :, None] >= idx[None, None, :]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal & same & (segment_ids[:, None, :] > 0)
+    visible = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if parent_ids is not None:
+        visible = visible | (parent_ids[:, :, None] == segment_ids[:, None, :])
+    return causal & visible & (segment_ids[:, None, :] > 0)
 
 
 class Attention(nnx.Module):
@@ -482,7 +486,7 @@ class CausalLM(nnx.Module):
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                       segment_ids: jax.Array | None = None, *, use_lora: bool = True,
-                      remat: bool = False) -> jax.Array:
+                      remat: bool = False, parent_ids: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states ``[B, L, hidden]`` of packed rows.
 
         Args:
@@ -492,6 +496,8 @@ class CausalLM(nnx.Module):
           segment_ids: ``[B, L] int``, 0 = padding (default: all ones).
           use_lora: ``False`` switches the adapters off (reference policy).
           remat: recompute each layer's activations in the backward pass (saves memory).
+          parent_ids: ``[B, L] int`` (optional): each token also sees the earlier tokens of the
+            segment it names (a prefix shared by several segments; 0 = none).
         """
         if tokens.ndim != 2:
             raise ValueError(f"'tokens' must be [B, L], got shape {tokens.shape}")
@@ -500,13 +506,14 @@ class CausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length), (b, length))
         if segment_ids is None:
             segment_ids = jnp.ones((b, length), jnp.int32)
-        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
-            if arr.shape != tokens.shape:
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids),
+                          ("parent_ids", parent_ids)):
+            if arr is not None and arr.shape != tokens.shape:
                 raise ValueError(f"'{name}' has shape {arr.shape} but 'tokens' has shape "
                                  f"{tokens.shape}")
         x = self.embed(tokens)
         cos, sin = self.rope(positions)
-        mask = packed_mask(segment_ids)
+        mask = packed_mask(segment_ids, parent_ids)
         if remat:
             x = self._remat_layers(x, cos, sin, mask, use_lora)
         else:

@@ -336,9 +336,10 @@ class MultiTurnRLTrainer:
         t1 = time.perf_counter()
         segments = episode_segments(trajs, adv, inputs.valid)
         if segments:
-            batch = pack_for_update(segments, c.packing.row_lengths,
-                                    row_multiple=c.packing.row_multiple,
-                                    mini_batches=c.optimizer.mini_batches)
+            batch = pack_for_update(
+                segments, c.packing.row_lengths, row_multiple=c.packing.row_multiple,
+                mini_batches=c.optimizer.mini_batches,
+                shared_prefix_min_tokens=c.packing.shared_prefix_min_tokens)
             lora, opt_state, train_metrics = self.updater(
                 self.lora, self.opt_state, self.base, batch)
         else:  # every episode failed: nothing to learn from

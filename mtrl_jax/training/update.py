@@ -31,7 +31,8 @@ from mtrl_jax.training.batch import minibatch_rows
 from mtrl_jax.training.lora_step import make_lora_train_step
 from mtrl_jax.training.packing import PackedBatch
 
-ARRAYS = ("tokens", "positions", "segment_ids", "loss_mask", "advantages", "behaviour_logprobs")
+ARRAYS = ("tokens", "positions", "segment_ids", "parent_ids", "loss_mask", "advantages",
+          "behaviour_logprobs")
 
 
 def make_loss_fn(config):
@@ -48,7 +49,7 @@ def make_loss_fn(config):
     def loss_fn(model, batch):
         stats = token_logprobs(model, batch["tokens"], batch["positions"],
                                batch["segment_ids"], with_entropy=exact_entropy,
-                               remat=config.model.remat)
+                               remat=config.model.remat, parent_ids=batch.get("parent_ids"))
         old = batch["old_logprobs"] if "old_logprobs" in batch else \
             jax.lax.stop_gradient(stats.logprobs)
         inputs = PolicyLossInputs(
@@ -102,14 +103,14 @@ class Updater:
         self.train_step = make_lora_train_step(graphdef, tx, make_loss_fn(config), donate=False)
 
         @jax.jit
-        def logprobs(lora, base, tokens, positions, segment_ids):
+        def logprobs(lora, base, tokens, positions, segment_ids, parent_ids):
             return token_logprobs(nnx.merge(graphdef, lora, base), tokens, positions,
-                                  segment_ids).logprobs
+                                  segment_ids, parent_ids=parent_ids).logprobs
 
         @jax.jit
-        def ref_logprobs(lora, base, tokens, positions, segment_ids):
+        def ref_logprobs(lora, base, tokens, positions, segment_ids, parent_ids):
             return token_logprobs(nnx.merge(graphdef, lora, base), tokens, positions,
-                                  segment_ids, use_lora=False).logprobs
+                                  segment_ids, use_lora=False, parent_ids=parent_ids).logprobs
 
         self.logprobs = logprobs
         self.ref_logprobs = ref_logprobs
@@ -124,7 +125,8 @@ class Updater:
         olds, refs = np.zeros(batch.shape, np.float32), np.zeros(batch.shape, np.float32)
         for rows in groups:  # one mini-batch shape at a time (the shape every step compiles)
             args = (lora, base, jnp.asarray(batch.tokens[rows]),
-                    jnp.asarray(batch.positions[rows]), jnp.asarray(batch.segment_ids[rows]))
+                    jnp.asarray(batch.positions[rows]), jnp.asarray(batch.segment_ids[rows]),
+                    jnp.asarray(batch.parent_ids[rows]))
             if need_old:
                 olds[rows] = np.asarray(self.logprobs(*args))
             if self.config.algorithm.kl_coef > 0:
@@ -157,5 +159,7 @@ class Updater:
             "train/packing_efficiency": batch.efficiency,
             "train/rows": float(batch.shape[0]), "train/row_length": float(batch.shape[1]),
             "train/tokens": float(batch.num_tokens),
+            # tokens a shared prefix saved: 1 - packed / flat (0 with flat packing)
+            "train/shared_prefix_saving": 1.0 - batch.num_tokens / max(1, batch.flat_tokens),
         })
         return lora, opt_state, out
