@@ -135,6 +135,9 @@ class RolloutSection:
     # tokenised whole; then tokens), and the model reads a note saying so
     max_tool_result_bytes: int = 16384
     max_tool_result_tokens: int = 1024
+    # a group's common prompt (at least this many equal tokens) is encoded once and its cache
+    # copied to the group's slots; 0 = each episode encodes its own prompt
+    shared_prefix_min_tokens: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,6 +460,7 @@ _RULES: dict[str, Any] = {
     "packing.row_lengths": _row_lengths,
     "packing.row_multiple": _at_least(1),
     "packing.shared_prefix_min_tokens": _at_least(0, " (0 = flat packing)"),
+    "rollout.shared_prefix_min_tokens": _at_least(0, " (0 = no shared prefill)"),
     "steps": _at_least(0),
     "eval_interval": _at_least(0, _NEVER),
     "checkpoint_interval": _at_least(0, _NEVER),

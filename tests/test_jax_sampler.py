@@ -3,8 +3,10 @@ behaviour log-probs equal to a full forward of the finished episode."""
 
 import asyncio
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mtrl_jax.envs.base import FunctionEnvironment, Task
@@ -165,3 +167,49 @@ def test_each_request_samples_with_its_own_parameters(monkeypatch):
     assert all(r.tokens == [IM_END] for r in out)
     assert sorted(seen) == [(0.0, 2), (0.7, 1)]  # two calls: the greedy pair, the default one
     assert sampler.params is default
+
+
+def _lockstep_episodes(model, share: int, sampling: SamplingParams, group: int = 4):
+    """Two tasks x ``group`` episodes in one lockstep round (as the trainer plays them)."""
+    sampler = JaxSampler(model, sampling, slots=2 * group, max_len=1024, seed=0,
+                         shared_prefix_min_tokens=share)
+    loop = AgentLoop(TOK, sampler, AgentLoopConfig(max_turns=2, sampling_max_tokens=12,
+                                                   max_context_tokens=1024))
+    tasks = [Task(id=f"t{i}", family="test", name="echo",
+                  prompt=f"say {i}, then call echo with the same words") for i in range(2)]
+    env = lambda t: FunctionEnvironment([echo], lambda ep: ep.update_reward(0.0))
+    ids = [f"{t.id}#{k}" for t in tasks for k in range(group)]
+    sampler.begin_round(ids, jax.random.key(7))
+
+    async def go():
+        out = await asyncio.gather(*(loop.run(env(t), t, episode_id=f"{t.id}#{k}",
+                                              group_id=t.id)
+                                     for t in tasks for k in range(group)))
+        await sampler.close()
+        return out
+
+    trajs = asyncio.run(go())
+    sampler.end_round()
+    return trajs, sampler
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prompt_prefill_gives_the_same_episodes(temperature):
+    model = CausalLM(CFG, LoRAConfig(rank=2), rngs=nnx.Rngs(4))
+    sampling = SamplingParams(temperature=temperature, stop_token_ids=(IM_END,))
+    flat, s_flat = _lockstep_episodes(model, 0, sampling)
+    shared, s_shared = _lockstep_episodes(model, 16, sampling)
+    assert s_flat.prefill_tokens_saved == 0
+    # each group's prompt encoded once instead of 4 times: 3 of 4 copies saved per task
+    assert s_shared.prefill_tokens_saved >= 2 * 3 * 16
+    assert s_shared.prefill_tokens + s_shared.prefill_tokens_saved == s_flat.prefill_tokens
+    for a, b in zip(flat, shared, strict=True):
+        assert a.samples[0].tokens == b.samples[0].tokens
+        np.testing.assert_allclose(a.samples[0].logprobs, b.samples[0].logprobs, atol=1e-5)
+        # and what was sampled matches a full forward of the episode
+        mask = np.asarray(b.samples[0].loss_mask, bool)
+        full = episode_logprobs(model, b.samples[0].tokens)
+        np.testing.assert_allclose(np.asarray(b.samples[0].logprobs)[mask], full[mask],
+                                   atol=5e-4)
+    assert all(np.sum(t.samples[0].loss_mask) > 0 for t in shared)
+    assert len({tuple(t.samples[0].tokens) for t in shared}) > 2 or temperature == 0.0

@@ -1,5 +1,7 @@
 """Mean and 95% CI over seeds (Student's t), checked against scipy and against hand values."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -36,7 +38,7 @@ def test_matches_scipy(values):
 
 def test_quantiles_decrease_with_degrees_of_freedom():
     qs = [t95(d) for d in range(1, 40)]
-    assert all(a >= b for a, b in zip(qs, qs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(qs))
     assert qs[-1] == 1.960
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtrl_jax.models.transformer import CausalLM, KVCache, prepare_decode_weights
+from mtrl_jax.models.transformer import CausalLM, KVCache, init_cache, prepare_decode_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,3 +283,43 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
                          jnp.minimum(jnp.asarray(max_new, jnp.int32), max_new_tokens),
                          params, max_new_tokens, use_lora, fold_lora_weights, min_window,
                          attention_kernel)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "fold", "attention_kernel"),
+                   donate_argnames=("cache",))
+def _prefill_shared_jit(graphdef, state, cache, prefixes, prefix_len, src, take, use_lora, fold,
+                        attention_kernel=True):
+    model = nnx.merge(graphdef, state)
+    transpose = jax.default_backend() == "cpu"
+    if (use_lora and fold) or (transpose and not use_lora):  # the weights generate() runs with
+        prepare_decode_weights(model, fold=use_lora, transpose=transpose,
+                               attention_kernel=attention_kernel)
+        use_lora = False
+    u, p = prefixes.shape
+    small = init_cache(model.cfg, u, p, dtype=cache.k[0].dtype)
+    _, small = model.extend(small, prefixes, prefix_len, use_lora=use_lora)
+    pick = take[:, None, None, None]
+    ks = tuple(big.at[..., :p].set(jnp.where(pick, sk[src], big[..., :p]))
+               for big, sk in zip(cache.k, small.k, strict=True))
+    vs = tuple(big.at[:, :, :p].set(jnp.where(pick, sv[src], big[:, :, :p]))
+               for big, sv in zip(cache.v, small.v, strict=True))
+    return KVCache(ks, vs, jnp.where(take, prefix_len[src], cache.lengths))
+
+
+def prefill_shared(model: CausalLM, cache: KVCache, prefixes: jax.Array, prefix_len: jax.Array,
+                   src: jax.Array, take: jax.Array, *, use_lora: bool = True,
+                   fold_lora_weights: bool = True, attention_kernel: bool = True) -> KVCache:
+    """Encode each of ``prefixes [U, P]`` (the first ``prefix_len [U]`` tokens real) once and
+    copy its keys and values into every cache row ``b`` with ``take[b]``, from prefix
+    ``src[b]``; those rows must be empty (length 0) and then hold the prefix. Other rows are
+    unchanged. The weights are prepared as :func:`generate` prepares them, so a row continued
+    by ``generate`` samples what it would after encoding the prefix itself (up to f32 summation
+    order). The cache is donated."""
+    if prefixes.shape[1] > cache.max_len:
+        raise ValueError(f"prefixes of {prefixes.shape[1]} tokens exceed the cache "
+                         f"({cache.max_len})")
+    graphdef, state = nnx.split(model)
+    return _prefill_shared_jit(graphdef, state, cache, jnp.asarray(prefixes, jnp.int32),
+                               jnp.asarray(prefix_len, jnp.int32), jnp.asarray(src, jnp.int32),
+                               jnp.asarray(take, bool), use_lora, fold_lora_weights,
+                               attention_kernel)

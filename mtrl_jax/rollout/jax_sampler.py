@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtrl_jax.models.decoding import SamplingParams, bucket_length, generate
+from mtrl_jax.models.decoding import SamplingParams, bucket_length, generate, prefill_shared
 from mtrl_jax.models.transformer import CausalLM, init_cache
 from mtrl_jax.rollout.sampler import SampleResult
 
@@ -55,11 +56,16 @@ class JaxSampler:
       seed: PRNG seed; each call folds in a counter, so runs are reproducible for the same
         sequence of calls.
       batch_wait_s: how long the batcher waits for more requests before a call.
+      shared_prefix_min_tokens: episodes that start in one decode call on empty slots with at
+        least this many equal tokens (a group's prompt) get that prefix encoded once and its
+        cache copied to each slot (:func:`~mtrl_jax.models.decoding.prefill_shared`); each keeps
+        at least its last input token to feed itself. 0 = every slot encodes its own input.
     """
 
     def __init__(self, model: CausalLM, params: SamplingParams, *, slots: int = 32,
                  max_len: int = 4096, seed: int = 0, batch_wait_s: float = 0.002,
-                 min_bucket: int = 16, policy_version: int = 0):
+                 min_bucket: int = 16, policy_version: int = 0,
+                 shared_prefix_min_tokens: int = 16):
         self.model = model
         self.params = params
         self.slots = slots
@@ -67,6 +73,10 @@ class JaxSampler:
         self.batch_wait_s = batch_wait_s
         self.min_bucket = min_bucket
         self.policy_version = policy_version
+        self.shared_prefix_min_tokens = shared_prefix_min_tokens
+        #: input tokens not encoded thanks to shared prefixes, and those encoded (a counter each)
+        self.prefill_tokens_saved = 0
+        self.prefill_tokens = 0
         # called on the decode thread before every decode call (a rollout worker's partial
         # rollouts load newer weights there; the turns that follow carry the new version)
         self.before_decode = None
@@ -225,6 +235,13 @@ class JaxSampler:
     def _decode(self, batch: list[_Request]) -> list[SampleResult]:
         if self.before_decode is not None:
             self.before_decode()
+        if self._reset:
+            reset, self._reset = sorted(self._reset), set()
+            self.cache = self.cache._replace(
+                lengths=self.cache.lengths.at[jnp.asarray(reset)].set(0))
+        if self.shared_prefix_min_tokens > 0:
+            self._share_prefixes(batch)
+        self.prefill_tokens += sum(len(r.new_tokens) for r in batch)
         width = bucket_length(max(len(r.new_tokens) for r in batch), self.min_bucket)
         inputs = np.zeros((self.slots, width), np.int32)
         num_inputs = np.zeros((self.slots,), np.int32)
@@ -234,10 +251,6 @@ class JaxSampler:
             num_inputs[r.slot] = len(r.new_tokens)
             max_new[r.slot] = r.max_tokens
         steps = bucket_length(int(max_new.max()), 8)
-        if self._reset:
-            reset, self._reset = sorted(self._reset), set()
-            self.cache = self.cache._replace(
-                lengths=self.cache.lengths.at[jnp.asarray(reset)].set(0))
         key = jax.random.fold_in(self.key, self.calls)
         self.calls += 1
         out = generate(self.model, self.cache, jnp.asarray(inputs), jnp.asarray(num_inputs), key,
@@ -257,3 +270,48 @@ class JaxSampler:
                                         "stop" if stopped[r.slot] else "length",
                                         self.policy_version))
         return results
+
+    def _share_prefixes(self, batch: list[_Request]) -> None:
+        """Requests on empty slots whose inputs start with the same tokens (at least
+        ``shared_prefix_min_tokens``): encode the common prefix once per cluster, copy it into
+        their slots, and leave each request the rest of its input (at least one token)."""
+        fresh = [r for r in batch if not self.fed[r.slot]
+                 and len(r.new_tokens) > self.shared_prefix_min_tokens]
+        if len(fresh) < 2:
+            return
+        fresh.sort(key=lambda r: r.new_tokens)
+        clusters: list[tuple[list[_Request], int]] = []
+        members, shared = [fresh[0]], 0
+        for prev, r in itertools.pairwise(fresh):
+            a, b = prev.new_tokens, r.new_tokens
+            n = min(len(a), len(b)) - 1  # each keeps its last input token
+            common = next((i for i in range(n) if a[i] != b[i]), n)
+            if len(members) == 1 and common >= self.shared_prefix_min_tokens:
+                members.append(r)
+                shared = common
+            elif len(members) > 1 and common >= shared:
+                members.append(r)
+            else:
+                if len(members) > 1:
+                    clusters.append((members, shared))
+                members, shared = [r], 0
+        if len(members) > 1:
+            clusters.append((members, shared))
+        if not clusters:
+            return
+        u = bucket_length(len(clusters), 1)
+        p = min(bucket_length(max(s for _, s in clusters), self.min_bucket), self.max_len)
+        prefixes = np.zeros((u, p), np.int32)
+        lengths = np.zeros((u,), np.int32)
+        src = np.zeros((self.slots,), np.int32)
+        take = np.zeros((self.slots,), bool)
+        for c, (members, shared) in enumerate(clusters):
+            prefixes[c, :shared] = members[0].new_tokens[:shared]
+            lengths[c] = shared
+            for r in members:
+                src[r.slot], take[r.slot] = c, True
+                self.fed[r.slot] = r.new_tokens[:shared]
+                r.new_tokens = r.new_tokens[shared:]
+            self.prefill_tokens_saved += (len(members) - 1) * shared
+            self.prefill_tokens += shared
+        self.cache = prefill_shared(self.model, self.cache, prefixes, lengths, src, take)

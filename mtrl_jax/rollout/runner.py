@@ -109,7 +109,8 @@ class RolloutRunner:
         self.train_sampling = self.sampling(r.temperature, r.sampling_max_tokens)
         self.slots = r.batch_size * r.group_size
         self.sampler = JaxSampler(model, self.train_sampling, slots=self.slots,
-                                  max_len=r.max_context_tokens, seed=config.seed)
+                                  max_len=r.max_context_tokens, seed=config.seed,
+                                  shared_prefix_min_tokens=r.shared_prefix_min_tokens)
         self.loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig.from_rollout(r))
         self._aloop = asyncio.new_event_loop()
 
