@@ -45,6 +45,7 @@ score disagree (count).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -58,6 +59,17 @@ from mtrl_jax.rollout.trajectory import Trajectory
 PASS_KS = (1, 2, 4, 8, 16)
 EVAL_STREAM = 0x65766C  # the evaluation's own random stream (see play_task_set)
 PROGRESS_EVERY_S = 5.0
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def metric_safe(name: str, limit: int = 64) -> str:
+    """A model-written name (a tool it called, possibly invented: ``(calculator)``) as a metric
+    name component: characters other than letters, digits, ``_ . -`` become ``_``; cut to
+    ``limit`` characters. MLflow rejects a metric name with other characters, which once ended
+    a run at step 8 of 10 (experiments/LOG.md, 2026-12-02)."""
+    return _UNSAFE.sub("_", str(name))[:limit] or "_"
 
 
 def is_strict_success(t: Trajectory) -> bool:
@@ -98,7 +110,7 @@ def episode_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
         "template_rewrites": float(sum(t.template_rewrites for t in trajs)),
         "tool_truncations/mean": sum(t.truncated_tool_results for t in trajs) / n,
     }
-    for name, count in sorted(Counter(c.name for c in calls).items()):
+    for name, count in sorted(Counter(metric_safe(c.name) for c in calls).items()):
         m[f"tool_calls/{name}"] = count / n
     scored = [t.strict_score for t in trajs if t.strict_score is not None]
     if scored:

@@ -15,12 +15,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
 from mtrl_jax.rollout.trajectory import Trajectory
 
 SOURCE_RUN = "mlflow.sourceRun"
+
+
+_MLFLOW_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def safe_metric_name(name: str) -> str:
+    """``name`` with the characters MLflow rejects in a metric name replaced by ``_`` (a metric
+    named from model or user text must not end a run when it is logged)."""
+    return _MLFLOW_UNSAFE.sub("_", name)
 
 
 def default_tracking_uri(output_dir: str) -> str:
@@ -77,7 +87,7 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        items = [Metric(safe_metric_name(k), float(v), now, step) for k, v in metrics.items()
                  if v is not None and not (isinstance(v, float) and math.isnan(v))]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
