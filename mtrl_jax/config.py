@@ -250,7 +250,7 @@ class OptimizerSection:
 @dataclasses.dataclass(frozen=True)
 class PackingSection:
     """Episodes are packed as segments into rows of one of ``row_lengths`` (the smallest that
-    fits the longest episode); the row count is rounded up to a multiple of ``row_multiple``.
+    fits the longest episode); the row count is rounded up (``round_rows``) from ``row_multiple``.
     Episodes whose first ``shared_prefix_min_tokens`` or more tokens are equal (a group's
     prompt) carry that prefix once per row, each episode attending to it (exact: the loss and
     gradients equal flat packing's up to float summation order); 0 packs every episode flat."""
@@ -258,6 +258,9 @@ class PackingSection:
     row_lengths: tuple[int, ...] = (256, 1024, 4096)
     row_multiple: int = 4
     shared_prefix_min_tokens: int = 16
+    # the row count: ``pow2`` = row_multiple x 2^j (fewest compiled shapes), ``multiple`` = the
+    # next multiple of row_multiple (least padding; a shape per distinct count)
+    round_rows: Literal["pow2", "multiple"] = "pow2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,6 +463,7 @@ _RULES: dict[str, Any] = {
     "packing.row_lengths": _row_lengths,
     "packing.row_multiple": _at_least(1),
     "packing.shared_prefix_min_tokens": _at_least(0, " (0 = flat packing)"),
+    "packing.round_rows": None,
     "rollout.shared_prefix_min_tokens": _at_least(0, " (0 = no shared prefill)"),
     "steps": _at_least(0),
     "eval_interval": _at_least(0, _NEVER),

@@ -115,3 +115,22 @@ def test_every_real_row_is_trained_exactly_once_per_epoch(lengths, mini_batches,
     # every segment (each episode's tokens) appears once over the mini-batches
     seen = sorted(int(i) for g in groups for i in np.unique(b.segment_index[g]) if i >= 0)
     assert seen == list(range(len(lengths)))
+
+
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=40),
+       row_multiple=st.integers(1, 6))
+def test_row_rounding_policies(lengths, row_multiple):
+    segs = [Segment(np.full(n, i + 1, np.int32), np.ones(n, np.int8), np.zeros(n, np.float32),
+                    float(i), index=i) for i, n in enumerate(lengths)]
+    pow2 = pack_for_update(segs, (64,), row_multiple=row_multiple, mini_batches=1)
+    mult = pack_for_update(segs, (64,), row_multiple=row_multiple, mini_batches=1,
+                           round_rows="multiple")
+    used = int((mult.segment_ids > 0).any(axis=1).sum())
+    assert used == int((pow2.segment_ids > 0).any(axis=1).sum())
+    # "multiple": the next multiple of row_multiple; "pow2": row_multiple x 2^j
+    assert mult.shape[0] == row_multiple * -(-used // row_multiple)
+    j = pow2.shape[0] // row_multiple
+    assert pow2.shape[0] % row_multiple == 0 and j & (j - 1) == 0 and pow2.shape[0] >= used
+    assert mult.shape[0] <= pow2.shape[0] and mult.num_tokens == pow2.num_tokens
+    with pytest.raises(ValueError, match="round_rows"):
+        pack_for_update(segs, (64,), row_multiple=1, mini_batches=1, round_rows="nearest")

@@ -326,6 +326,7 @@ BAD_VALUES = [
     ("packing.row_multiple=0", "packing.row_multiple"),
     ("packing.shared_prefix_min_tokens=-1", "packing.shared_prefix_min_tokens"),
     ("rollout.shared_prefix_min_tokens=-1", "rollout.shared_prefix_min_tokens"),
+    ("packing.round_rows=nearest", "packing.round_rows"),
     ("steps=-1", "steps"),
     ("eval_interval=-1", "eval_interval"),
     ("checkpoint_interval=-1", "checkpoint_interval"),

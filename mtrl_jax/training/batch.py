@@ -111,12 +111,12 @@ def episode_segments(trajs: Sequence[Trajectory], advantages: np.ndarray,
 
 def pack_for_update(segments: Sequence[Segment], row_lengths: Sequence[int], *,
                     row_multiple: int, mini_batches: int,
-                    shared_prefix_min_tokens: int = 0) -> PackedBatch:
+                    shared_prefix_min_tokens: int = 0, round_rows: str = "pow2") -> PackedBatch:
     """Pack so that the row count is a multiple of both ``row_multiple`` (few compiled shapes)
     and ``mini_batches`` (equal mini-batches); common prefixes of at least
     ``shared_prefix_min_tokens`` tokens are packed once per row (0: flat)."""
     return pack(segments, row_lengths, multiple=math.lcm(row_multiple, mini_batches),
-                min_shared=shared_prefix_min_tokens)
+                min_shared=shared_prefix_min_tokens, round_rows=round_rows)
 
 
 def minibatch_rows(segment_ids: np.ndarray, mini_batches: int) -> list[np.ndarray]:

@@ -3,7 +3,8 @@
 Every sample of a trajectory (usually one per episode: the whole multi-turn conversation as one
 token sequence) becomes a *segment*. Rows have length ``L`` -- the smallest of ``row_lengths``
 that holds the longest segment -- and the row count is rounded up to ``multiple * 2^j`` so that
-a run sees a few ``[rows, L]`` shapes (one compile each). ``segment_ids`` are 1, 2, ... within a
+a run sees a few ``[rows, L]`` shapes (one compile each); ``round_rows="multiple"`` rounds to the
+next multiple of ``multiple`` instead (less padding, more shapes). ``segment_ids`` are 1, 2, ... within a
 row and 0 on padding, which the model's attention mask and the loss kernels both honour.
 
 **Shared prefixes.** The episodes of a group start with the same prompt. With ``min_shared > 0``
@@ -151,7 +152,7 @@ def _units(segments: Sequence[Segment], length: int, min_shared: int) -> list[_U
 
 
 def pack(segments: Sequence[Segment], row_lengths: Sequence[int], *,
-         multiple: int = 1, min_shared: int = 0) -> PackedBatch:
+         multiple: int = 1, min_shared: int = 0, round_rows: str = "pow2") -> PackedBatch:
     """Pack ``segments`` into ``[rows, L]`` arrays (best-fit decreasing; with ``min_shared > 0``
     common prefixes of at least that many tokens are packed once per row); see the module
     docstring."""
@@ -173,8 +174,13 @@ def pack(segments: Sequence[Segment], row_lengths: Sequence[int], *,
             rows.append([u])
             free.append(length - size)
     n_rows = max(1, multiple)
-    while n_rows < len(rows):
-        n_rows *= 2
+    if round_rows == "multiple":
+        n_rows *= max(1, -(-len(rows) // n_rows))
+    elif round_rows == "pow2":
+        while n_rows < len(rows):
+            n_rows *= 2
+    else:
+        raise ValueError(f"round_rows must be 'pow2' or 'multiple', got {round_rows!r}")
     shape = (n_rows, length)
     out = PackedBatch(np.zeros(shape, np.int32), np.zeros(shape, np.int32),
                       np.zeros(shape, np.int32), np.zeros(shape, np.float32),

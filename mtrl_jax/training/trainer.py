@@ -339,7 +339,8 @@ class MultiTurnRLTrainer:
             batch = pack_for_update(
                 segments, c.packing.row_lengths, row_multiple=c.packing.row_multiple,
                 mini_batches=c.optimizer.mini_batches,
-                shared_prefix_min_tokens=c.packing.shared_prefix_min_tokens)
+                shared_prefix_min_tokens=c.packing.shared_prefix_min_tokens,
+                round_rows=c.packing.round_rows)
             lora, opt_state, train_metrics = self.updater(
                 self.lora, self.opt_state, self.base, batch)
         else:  # every episode failed: nothing to learn from
