@@ -3,9 +3,10 @@
 Every sample of a trajectory (usually one per episode: the whole multi-turn conversation as one
 token sequence) becomes a *segment*. Rows have length ``L`` -- the smallest of ``row_lengths``
 that holds the longest segment -- and the row count is rounded up to ``multiple * 2^j`` so that
-a run sees a few ``[rows, L]`` shapes (one compile each); ``round_rows="multiple"`` rounds to the
-next multiple of ``multiple`` instead (less padding, more shapes). ``segment_ids`` are 1, 2, ... within a
-row and 0 on padding, which the model's attention mask and the loss kernels both honour.
+a run sees a few ``[rows, L]`` shapes (one compile each); ``round_rows="multiple"`` rounds to
+the next multiple of ``multiple`` instead (less padding, more shapes). ``segment_ids`` are 1, 2,
+... within a row and 0 on padding, which the model's attention mask and the loss kernels both
+honour.
 
 **Shared prefixes.** The episodes of a group start with the same prompt. With ``min_shared > 0``
 segments whose first ``min_shared`` or more tokens are equal form a *tree*: the common prefix
