@@ -135,6 +135,9 @@ class RolloutSection:
     # tokenised whole; then tokens), and the model reads a note saying so
     max_tool_result_bytes: int = 16384
     max_tool_result_tokens: int = 1024
+    # tool specs: through the chat template, or the system message when the template has no tool
+    # section (auto); or through the template only (template: none if it has no tool section)
+    tool_specs: Literal["auto", "template"] = "auto"
     # a group's common prompt (at least this many equal tokens) is encoded once and its cache
     # copied to the group's slots; 0 = each episode encodes its own prompt
     shared_prefix_min_tokens: int = 16
@@ -465,6 +468,7 @@ _RULES: dict[str, Any] = {
     "packing.shared_prefix_min_tokens": _at_least(0, " (0 = flat packing)"),
     "packing.round_rows": None,
     "rollout.shared_prefix_min_tokens": _at_least(0, " (0 = no shared prefill)"),
+    "rollout.tool_specs": None,
     "steps": _at_least(0),
     "eval_interval": _at_least(0, _NEVER),
     "checkpoint_interval": _at_least(0, _NEVER),

@@ -134,3 +134,21 @@ def test_row_rounding_policies(lengths, row_multiple):
     assert mult.shape[0] <= pow2.shape[0] and mult.num_tokens == pow2.num_tokens
     with pytest.raises(ValueError, match="round_rows"):
         pack_for_update(segs, (64,), row_multiple=1, mini_batches=1, round_rows="nearest")
+
+
+def test_the_row_length_that_computes_fewest_tokens_is_chosen():
+    # 6 segments of 200 tokens: rows of 256 hold one each (6 rows -> 8 with pow2 from 4 =
+    # 2,048 tokens); rows of 512 hold two (3 rows -> 4 = 2,048: a tie, the shorter wins);
+    # rows of 1024 hold five (2 rows -> 4 = 4,096)
+    segs = [Segment(np.full(200, i + 1, np.int32), np.ones(200, np.int8),
+                    np.zeros(200, np.float32), 0.0, index=i) for i in range(6)]
+    assert pack_for_update(segs, (256, 512, 1024), row_multiple=4, mini_batches=1).shape == \
+        (8, 256)
+    # rounding to multiples of 2: 6 x 256 = 1,536 vs 4 x 512 = 2,048 vs 2 x 1024
+    b = pack_for_update(segs, (256, 512, 1024), row_multiple=2, mini_batches=1,
+                        round_rows="multiple")
+    assert b.shape == (6, 256)
+    # one row of 1,280 holds all six: 1,280 < 1,536
+    b = pack_for_update(segs, (256, 1280), row_multiple=1, mini_batches=1,
+                        round_rows="multiple")
+    assert b.shape == (1, 1280) and b.efficiency == 1200 / 1280

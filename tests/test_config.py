@@ -327,6 +327,7 @@ BAD_VALUES = [
     ("packing.shared_prefix_min_tokens=-1", "packing.shared_prefix_min_tokens"),
     ("rollout.shared_prefix_min_tokens=-1", "rollout.shared_prefix_min_tokens"),
     ("packing.round_rows=nearest", "packing.round_rows"),
+    ("rollout.tool_specs=system", "rollout.tool_specs"),
     ("steps=-1", "steps"),
     ("eval_interval=-1", "eval_interval"),
     ("checkpoint_interval=-1", "checkpoint_interval"),

@@ -3,6 +3,8 @@ gets them in the system message, in the words of our own tool template."""
 
 import asyncio
 
+import pytest
+
 from mtrl_jax.envs.base import FunctionEnvironment, Task
 from mtrl_jax.envs.tools import tool
 from mtrl_jax.models.tokenizer import (
@@ -64,3 +66,25 @@ def test_agent_loop_with_a_toolless_template_shows_the_tools_and_keeps_the_prefi
     assert "<tools>" in text and '"name": "lookup"' in text
     assert text.index("<tools>") < text.index("find x")  # in the system turn, before the task
     assert text.startswith("<|im_start|>system\nBe exact.\n\n# Tools")
+
+
+def test_tool_specs_template_leaves_the_tools_to_the_template():
+    """``tool_specs: template`` (the CPU demo: its model learned the tools in training): a
+    template without a tool section shows none; one with a tool section still shows them."""
+    plan = ['<tool_call>\n{"name": "lookup", "arguments": {"key": "x"}}\n</tool_call>', "done"]
+    texts = {}
+    for name, template in (("plain", PLAIN_CHATML), ("native", None)):
+        tok = (build_byte_tokenizer(chat_template=template) if template
+               else build_byte_tokenizer())
+        sampler = ScriptedSampler(tok, lambda eid, turn, _: plan[turn], tok.eos_token_id)
+        loop = AgentLoop(tok, sampler, AgentLoopConfig(max_turns=3, max_context_tokens=4096,
+                                                       tool_specs="template"))
+        env = FunctionEnvironment([lookup], lambda ep: ep.update_reward(1.0))
+        traj = asyncio.run(loop.run(env, Task(id="t", family="f", name="n", prompt="find x"),
+                                    episode_id="t"))
+        assert traj.finish_reason == "answered" and traj.tool_calls[0].result == "x=3"
+        texts[name] = tok.decode(traj.samples[0].tokens)
+    assert "<tools>" not in texts["plain"] and "lookup" not in texts["plain"].split("find x")[0]
+    assert "<tools>" in texts["native"]
+    with pytest.raises(ValueError, match="tool_specs"):
+        AgentLoopConfig(tool_specs="system")

@@ -52,7 +52,11 @@ class AgentLoopConfig:
     """``max_turns`` assistant turns; ``sampling_max_tokens`` per turn; ``max_context_tokens``
     for the whole sample; what to do when the template rewrites history; the caps on each tool
     message the model reads (``max_tool_result_bytes`` of UTF-8, then
-    ``max_tool_result_tokens``; the truncation note comes on top)."""
+    ``max_tool_result_tokens``; the truncation note comes on top). ``tool_specs``: ``auto``
+    shows the tool specs through the chat template, or in the system message when the template
+    has no tool section (:func:`~mtrl_jax.models.tokenizer.render_chat`); ``template`` leaves
+    them to the template alone (a template without a tool section then shows none: a model
+    that learned its tools in training, like the CPU demo's)."""
 
     max_turns: int = 8
     sampling_max_tokens: int = 256
@@ -60,12 +64,15 @@ class AgentLoopConfig:
     on_template_rewrite: Literal["new_sample", "fail"] = "new_sample"
     max_tool_result_bytes: int = 16384
     max_tool_result_tokens: int = 1024
+    tool_specs: Literal["auto", "template"] = "auto"
 
     def __post_init__(self):
         if self.max_turns < 1 or self.sampling_max_tokens < 1 or self.max_context_tokens < 2:
             raise ValueError("max_turns, sampling_max_tokens and max_context_tokens must be >= 1")
         if self.on_template_rewrite not in ("new_sample", "fail"):
             raise ValueError("on_template_rewrite must be 'new_sample' or 'fail'")
+        if self.tool_specs not in ("auto", "template"):
+            raise ValueError(f"tool_specs must be 'auto' or 'template', got {self.tool_specs!r}")
         for name in ("max_tool_result_bytes", "max_tool_result_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -76,7 +83,7 @@ class AgentLoopConfig:
         """The config of a recipe's ``rollout`` section (:class:`~mtrl_jax.config.RolloutSection`:
         turn, token and context budgets, the tool-result caps), with ``overrides``."""
         fields = ("max_turns", "sampling_max_tokens", "max_context_tokens",
-                  "max_tool_result_bytes", "max_tool_result_tokens")
+                  "max_tool_result_bytes", "max_tool_result_tokens", "tool_specs")
         return cls(**{**{f: getattr(rollout, f) for f in fields}, **overrides})
 
 
@@ -191,7 +198,8 @@ class AgentLoop:
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 add_generation_prompt: bool = True) -> str:
         if tools and self._template_has_tools is None:
-            self._template_has_tools = template_renders_tools(self.tokenizer)
+            self._template_has_tools = (self.config.tool_specs == "template"
+                                        or template_renders_tools(self.tokenizer))
         return render_chat(self.tokenizer, messages, tools=tools or None,
                            add_generation_prompt=add_generation_prompt,
                            template_has_tools=self._template_has_tools)

@@ -1,12 +1,12 @@
 """Sequence-extension packing: whole episodes as segments of fixed-length rows.
 
 Every sample of a trajectory (usually one per episode: the whole multi-turn conversation as one
-token sequence) becomes a *segment*. Rows have length ``L`` -- the smallest of ``row_lengths``
-that holds the longest segment -- and the row count is rounded up to ``multiple * 2^j`` so that
-a run sees a few ``[rows, L]`` shapes (one compile each); ``round_rows="multiple"`` rounds to
-the next multiple of ``multiple`` instead (less padding, more shapes). ``segment_ids`` are 1, 2,
-... within a row and 0 on padding, which the model's attention mask and the loss kernels both
-honour.
+token sequence) becomes a *segment*. Rows have one of ``row_lengths`` (at least the longest
+segment); the row count is rounded up to ``multiple * 2^j`` (``round_rows="pow2"``: a run sees a
+few ``[rows, L]`` shapes, one compile each) or to the next multiple of ``multiple``
+(``"multiple"``: less padding, more shapes). Of the row lengths, the one whose rounded rows
+compute the fewest tokens is used (ties: the shorter). ``segment_ids`` are 1, 2, ... within a
+row and 0 on padding, which the model's attention mask and the loss kernels both honour.
 
 **Shared prefixes.** The episodes of a group start with the same prompt. With ``min_shared > 0``
 segments whose first ``min_shared`` or more tokens are equal form a *tree*: the common prefix
@@ -159,8 +159,33 @@ def pack(segments: Sequence[Segment], row_lengths: Sequence[int], *,
     docstring."""
     if not segments:
         raise ValueError("nothing to pack")
-    length = choose_row_length(max(len(s.tokens) for s in segments), row_lengths)
-    units = _units(segments, length, min_shared)
+    shortest = choose_row_length(max(len(s.tokens) for s in segments), row_lengths)
+    best = None
+    for length in sorted(x for x in set(row_lengths) if x >= shortest):
+        units = _units(segments, length, min_shared)
+        rows = _place(units, length)
+        n_rows = _round_rows(len(rows), multiple, round_rows)
+        # the row length whose rounded rows compute the fewest tokens (ties: the shorter rows,
+        # whose attention costs less)
+        if best is None or n_rows * length < best[0] * best[1]:
+            best = (n_rows, length, units, rows)
+    n_rows, length, units, rows = best
+    return _fill(segments, units, rows, n_rows, length)
+
+
+def _round_rows(used: int, multiple: int, round_rows: str) -> int:
+    n_rows = max(1, multiple)
+    if round_rows == "multiple":
+        return n_rows * max(1, -(-used // n_rows))
+    if round_rows == "pow2":
+        while n_rows < used:
+            n_rows *= 2
+        return n_rows
+    raise ValueError(f"round_rows must be 'pow2' or 'multiple', got {round_rows!r}")
+
+
+def _place(units: list[_Unit], length: int) -> list[list[int]]:
+    """Best-fit decreasing: each unit, longest first, into the row it fills most tightly."""
     order = sorted(range(len(units)), key=lambda u: (-units[u].size, units[u].members[0]))
     rows: list[list[int]] = []
     free: list[int] = []
@@ -174,14 +199,11 @@ def pack(segments: Sequence[Segment], row_lengths: Sequence[int], *,
         else:
             rows.append([u])
             free.append(length - size)
-    n_rows = max(1, multiple)
-    if round_rows == "multiple":
-        n_rows *= max(1, -(-len(rows) // n_rows))
-    elif round_rows == "pow2":
-        while n_rows < len(rows):
-            n_rows *= 2
-    else:
-        raise ValueError(f"round_rows must be 'pow2' or 'multiple', got {round_rows!r}")
+    return rows
+
+
+def _fill(segments: Sequence[Segment], units: list[_Unit], rows: list[list[int]], n_rows: int,
+          length: int) -> PackedBatch:
     shape = (n_rows, length)
     out = PackedBatch(np.zeros(shape, np.int32), np.zeros(shape, np.int32),
                       np.zeros(shape, np.int32), np.zeros(shape, np.float32),
