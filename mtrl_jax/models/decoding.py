@@ -154,14 +154,51 @@ def _last_hidden(hidden: jax.Array, num_new: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
 
 
+#: Input tokens encoded per chunk when a call feeds more (see :func:`extend_chunked`).
+PREFILL_CHUNK = 512
+
+
+def extend_chunked(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
+                   *, use_lora: bool, window: int | None = None,
+                   chunk: int | None = PREFILL_CHUNK) -> tuple[jax.Array, KVCache]:
+    """``model.extend`` of ``inputs [B, T]`` in chunks of ``chunk`` tokens (a ``lax.scan``:
+    one copy of the layers in the program); returns the hidden state of each row's last real
+    input token ``[B, H]`` and the cache. Encoding a 4,096-token prompt at once materialises
+    attention scores ``[B, heads, T, window]`` per layer (16 rows x 9 heads x 4,096^2 in f32:
+    9.7 GB; an SOP-Bench evaluation of SmolLM2 was OOM-killed at 21.7 GB); a chunk's are
+    ``T / chunk`` times smaller. Equal to one call up to f32 summation order."""
+    b, t = inputs.shape
+    if chunk is None or t <= chunk:
+        hidden, cache = model.extend(cache, inputs, num_inputs, use_lora=use_lora, window=window)
+        return _last_hidden(hidden, num_inputs), cache
+    n_chunks = -(-t // chunk)
+    padded = jnp.pad(inputs, ((0, 0), (0, n_chunks * chunk - t)))
+    xs = (padded.reshape(b, n_chunks, chunk).transpose(1, 0, 2),
+          jnp.arange(n_chunks, dtype=jnp.int32) * chunk)
+
+    def body(carry, x):
+        cache, last = carry
+        toks, start = x
+        n = jnp.clip(num_inputs - start, 0, chunk)
+        hidden, cache = model.extend(cache, toks, n, use_lora=use_lora, window=window)
+        last = jnp.where((n > 0)[:, None], _last_hidden(hidden, n).astype(last.dtype), last)
+        return (cache, last), None
+
+    last0 = jnp.zeros((b, model.cfg.hidden_size), model.cfg.jnp_dtype)
+    (cache, last), _ = jax.lax.scan(body, (cache, last0), xs)
+    return last, cache
+
+
 def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
               key: jax.Array, max_new: jax.Array, params: SamplingParams, max_new_tokens: int,
-              use_lora: bool, min_window: int | None = None) -> GenerateOutput:
+              use_lora: bool, min_window: int | None = None,
+              prefill_chunk: int | None = PREFILL_CHUNK) -> GenerateOutput:
     b = inputs.shape[0]
     windows = decode_windows(cache.max_len, min_window)
 
     def prefill(cache, window):
-        return model.extend(cache, inputs, num_inputs, use_lora=use_lora, window=window)
+        return extend_chunked(model, cache, inputs, num_inputs, use_lora=use_lora,
+                              window=window, chunk=prefill_chunk)
 
     if len(windows) == 1:
         hidden, cache = prefill(cache, None)
@@ -173,7 +210,7 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
         hidden, cache = jax.lax.switch(
             pick, [functools.partial(prefill, window=None if w == cache.max_len else w)
                    for w in windows], cache)
-    logits = model.logits(_last_hidden(hidden, num_inputs))
+    logits = model.logits(hidden)
     key, sub = jax.random.split(key)
     tok, lp = sample_from_logits(logits, sub, params)
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
@@ -224,11 +261,12 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "use_lora",
-                                             "fold", "min_window", "attention_kernel"),
+                                             "fold", "min_window", "attention_kernel",
+                                             "prefill_chunk"),
                    donate_argnames=("cache",))
 def _generate_jit(graphdef, state, cache, inputs, num_inputs, key, max_new, params,
                   max_new_tokens, use_lora, fold, min_window=MIN_DECODE_WINDOW,
-                  attention_kernel=True):
+                  attention_kernel=True, prefill_chunk=PREFILL_CHUNK):
     model = nnx.merge(graphdef, state)
     transpose = jax.default_backend() == "cpu"
     if (use_lora and fold) or (transpose and not use_lora):
@@ -236,7 +274,7 @@ def _generate_jit(graphdef, state, cache, inputs, num_inputs, key, max_new, para
                                attention_kernel=attention_kernel)
         use_lora = False
     return _generate(model, cache, inputs, num_inputs, key, max_new, params, max_new_tokens,
-                     use_lora, min_window)
+                     use_lora, min_window, prefill_chunk)
 
 
 def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
@@ -244,7 +282,8 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
              max_new_tokens: int | None = None, use_lora: bool = True,
              fold_lora_weights: bool = True,
              min_window: int | None = MIN_DECODE_WINDOW,
-             attention_kernel: bool = True) -> GenerateOutput:
+             attention_kernel: bool = True,
+             prefill_chunk: int | None = PREFILL_CHUNK) -> GenerateOutput:
     """Feed ``inputs [B, T]`` (first ``num_inputs [B]`` real, each ``>= 1``) after the cache's
     contents, then sample.
 
@@ -266,6 +305,8 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
         steps' attention in the C++ kernel of :mod:`mtrl_jax.models.cpu_kernels` (built on
         first use; both cores, each row's own slots; one loop body whatever ``min_window``).
         ``False``, or no C++ compiler: XLA's formulation. Equal up to f32 summation order.
+      prefill_chunk: input tokens encoded per chunk when more are fed
+        (:func:`extend_chunked`; ``None``: all at once).
 
     Rows generate until a stop token, their budget, or a full cache. The returned cache holds
     everything but each row's last sampled token, which the next call's ``inputs`` must begin
@@ -282,7 +323,7 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
                          jnp.asarray(num_inputs, jnp.int32), key,
                          jnp.minimum(jnp.asarray(max_new, jnp.int32), max_new_tokens),
                          params, max_new_tokens, use_lora, fold_lora_weights, min_window,
-                         attention_kernel)
+                         attention_kernel, prefill_chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "fold", "attention_kernel"),
@@ -297,7 +338,7 @@ def _prefill_shared_jit(graphdef, state, cache, prefixes, prefix_len, src, take,
         use_lora = False
     u, p = prefixes.shape
     small = init_cache(model.cfg, u, p, dtype=cache.k[0].dtype)
-    _, small = model.extend(small, prefixes, prefix_len, use_lora=use_lora)
+    _, small = extend_chunked(model, small, prefixes, prefix_len, use_lora=use_lora)
     pick = take[:, None, None, None]
     ks = tuple(big.at[..., :p].set(jnp.where(pick, sk[src], big[..., :p]))
                for big, sk in zip(cache.k, small.k, strict=True))
