@@ -112,6 +112,7 @@ class RolloutRunner:
                                   max_len=r.max_context_tokens, seed=config.seed,
                                   shared_prefix_min_tokens=r.shared_prefix_min_tokens)
         self.loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig.from_rollout(r))
+        self.step_metrics: dict[str, float] = {}
         self._aloop = asyncio.new_event_loop()
 
     def sampling(self, temperature: float, max_tokens: int) -> SamplingParams:
@@ -171,7 +172,15 @@ class RolloutRunner:
         """The rollout of training step ``step``: ``group_size`` episodes per task with the
         step's key (``fold_in(key(seed), step)``), task-major."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), step)
-        return self.run_episodes(tasks, self.config.rollout.group_size, key, tag=f"s{step}")
+        saved0, fed0 = self.sampler.prefill_tokens_saved, self.sampler.prefill_tokens
+        trajs = self.run_episodes(tasks, self.config.rollout.group_size, key, tag=f"s{step}")
+        saved = self.sampler.prefill_tokens_saved - saved0
+        fed = self.sampler.prefill_tokens - fed0
+        #: the last rollout step's sampler metrics (every rollout source reports them)
+        self.step_metrics = {
+            # the share of input tokens that a shared prompt prefill did not encode
+            "rollout/prefill_saved_frac": saved / max(1, saved + fed)}
+        return trajs
 
     def close(self) -> None:
         if not self._aloop.is_closed():

@@ -83,17 +83,8 @@ class SyncRolloutSource:
         if self.tasks_for is None:
             raise RuntimeError("SyncRolloutSource.episodes before start()")
         t0 = time.perf_counter()
-        sampler = self.runner.sampler
-
-        def counts():
-            return (getattr(sampler, "prefill_tokens_saved", 0),
-                    getattr(sampler, "prefill_tokens", 0))
-
-        saved0, fed0 = counts()
         trajs = self.runner.rollout_step(step, self.tasks_for(step))
-        saved, fed = (a - b for a, b in zip(counts(), (saved0, fed0), strict=True))
-        # the share of input tokens a shared prompt prefill did not encode
-        metrics = {"rollout/prefill_saved_frac": saved / max(1, saved + fed)}
+        metrics = dict(getattr(self.runner, "step_metrics", {}))
         return StepRollout(trajs, {"worker": -1, "attempt": 0,
                                    "start_version": self.runner.policy_version},
                            metrics, time.perf_counter() - t0)

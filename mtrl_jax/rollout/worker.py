@@ -222,7 +222,8 @@ def worker_main(spec: WorkerSpec, cmd_conn, out_conn) -> None:
             send(("result", step, attempt, trajs,
                   {"start_version": sv if sv >= 0 else v0, "dispatch_version": v0,
                    "end_version": runner.sampler.policy_version,
-                   "seconds": time.perf_counter() - t1}))
+                   "seconds": time.perf_counter() - t1,
+                   "step_metrics": dict(runner.step_metrics)}))
         runner.close()
     except BaseException:
         send(("error", traceback.format_exc()))
@@ -355,6 +356,8 @@ class ProcessRolloutPool:
         """The admitted rollout of ``step`` (blocks until there is one)."""
         r, m = self.get(step)
         trajs, info = r.payload
+        info = dict(info)
+        m = {**info.pop("step_metrics", {}), **m}
         return StepRollout(trajs, {**info, "worker": r.worker, "attempt": r.attempt}, m,
                            float(info.get("seconds", 0.0)))
 
@@ -643,7 +646,8 @@ class InProcessRolloutPool:
             trajs = self.runner.rollout_step(a.step, self.tasks_for(a.step))
             sv = start_version(trajs)
             info = {"start_version": sv if sv >= 0 else version, "dispatch_version": version,
-                    "seconds": time.perf_counter() - t0}
+                    "seconds": time.perf_counter() - t0,
+                    "step_metrics": dict(self.runner.step_metrics)}
             self.sched.result(a.step, 0, a.attempt, info["start_version"], (trajs, info))
 
     def episodes(self, step: int) -> StepRollout:
@@ -651,8 +655,10 @@ class InProcessRolloutPool:
         if r is None:
             raise RuntimeError(f"in-process rollout for step {step} missing")
         trajs, info = r.payload
+        info = dict(info)
         return StepRollout(trajs, {**info, "worker": 0, "attempt": r.attempt},
-                           {"async/wait_s": 0.0, "async/worker_restarts": 0.0,
+                           {**info.pop("step_metrics", {}), "async/wait_s": 0.0,
+                            "async/worker_restarts": 0.0,
                             "async/ready_ahead": float(len(self.sched.done))},
                            float(info["seconds"]))
 
