@@ -107,7 +107,7 @@ def predicted_flops(b: PackedBatch, cfg: ModelConfig, lora: LoRAConfig) -> float
     return 4 * linear * tokens + 6 * n_lora * tokens + 3 * attn_fwd
 
 
-def bench_train(cfg, lora, segs, row, iters, rounds):
+def bench_train(cfg, lora, segs, row, iters, rounds, remat=False):
     model = CausalLM(cfg, lora, rngs=nnx.Rngs(0))
     # LoRA B = 0 at init: give the adapters values so that every gradient is live
     state = nnx.state(model, nnx.LoRAParam)
@@ -121,7 +121,7 @@ def bench_train(cfg, lora, segs, row, iters, rounds):
 
     def loss_fn(m, d):
         lp = token_logprobs(m, d["tokens"], d["positions"], d["segment_ids"],
-                            parent_ids=d["parent_ids"]).logprobs
+                            parent_ids=d["parent_ids"], remat=remat).logprobs
         inputs = PolicyLossInputs(lp, jax.lax.stop_gradient(lp), d["advantages"],
                                   d["loss_mask"], d["segment_ids"])
         return policy_loss("ppo", inputs, PPOParams(), LossConfig())[0], {}
@@ -234,6 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--row", type=int, default=8192)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--remat", action="store_true",
+                   help="recompute each layer in the backward (long rows: the attention scores "
+                        "of 3 rows of 8,192 tokens x 6 layers need ~40 GB kept)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     cfg, lora = PEER_CONFIG, PEER_LORA
@@ -245,7 +248,7 @@ def main(argv=None) -> int:
                     vocab=cfg.vocab_size)
     res = dict(args=vars(a), env=fingerprint(), params=cfg.num_params())
     if "train" in a.only:
-        r = bench_train(cfg, lora, segs, a.row, a.iters, a.rounds)
+        r = bench_train(cfg, lora, segs, a.row, a.iters, a.rounds, a.remat)
         res["train"] = r
         f, s = r["arms"]["flat"], r["arms"]["shared"]
         print(f"train: flat {f['step_s']:.2f} s ({f['rows']} x {f['row_length']}, "
