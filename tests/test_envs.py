@@ -104,6 +104,24 @@ def test_synthetic_domain_is_seeded_and_splits_are_disjoint(tmp_path):
     assert {r["ready"] for r in dom.rows["train"]} == {"yes", "no"}
 
 
+def test_the_manual_domain_is_the_aircraft_checks_in_a_long_fixed_procedure(tmp_path):
+    sizes = {"train": 20, "test": 5}
+    short = load_sop_domain(generate_domain("aircraft_inspection", tmp_path / "s", sizes=sizes),
+                            name="aircraft_inspection")
+    long = load_sop_domain(generate_domain("aircraft_manual", tmp_path / "m", sizes=sizes),
+                           name="aircraft_manual")
+    # the same checks, word for word, inside a procedure ~10x longer (~2,100 SmolLM2 tokens)
+    rules = short.sop[short.sop.index("1. mechanical"):]
+    assert rules in long.sop and len(long.sop.split()) > 8 * len(short.sop.split())
+    assert long.output_columns == short.output_columns
+    assert long.toolspecs == short.toolspecs
+    # one procedure for every task: the prompt that a group (and every group) shares
+    again = load_sop_domain(generate_domain("aircraft_manual", tmp_path / "m2", sizes=sizes,
+                                            seed=7), name="aircraft_manual")
+    assert again.sop == long.sop
+    assert {t.system for t in long.tasks("train")} == {long.tasks("train")[0].system}
+
+
 def test_replayed_tools_answer_from_rows_and_report_errors(tmp_path):
     folder = generate_domain("loan_triage", tmp_path, sizes={"test": 5}, seed=1)
     dom = load_sop_domain(folder, name="loan_triage")
@@ -126,8 +144,8 @@ def test_replayed_tools_answer_from_rows_and_report_errors(tmp_path):
     assert json.loads(asyncio.run(go())) == {"monthly_income": int(row["monthly_income"])}
 
 
-@pytest.mark.parametrize("task", ["sop_synth:aircraft_inspection", "sop_synth:loan_triage",
-                                  "sop_synth:preflight",
+@pytest.mark.parametrize("task", ["sop_synth:aircraft_inspection", "sop_synth:aircraft_manual",
+                                  "sop_synth:loan_triage", "sop_synth:preflight",
                                   "math:arith", "sql:employees"])
 def test_env_check_oracle_solves_and_random_fails(task):
     report = env_check(task, n=25, seed=0)

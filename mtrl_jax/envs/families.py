@@ -5,8 +5,9 @@
                                              ``$MTRL_SOP_BENCH_DIR``, or a path (SOP-Bench's
                                              own domains: evaluation only)
 ``sop_synth:aircraft_inspection``,           our synthetic SOP domains (training data),
-``sop_synth:loan_triage``,                   generated once into ``$MTRL_DATA_DIR``
-``sop_synth:preflight``
+``sop_synth:aircraft_manual``,               generated once into ``$MTRL_DATA_DIR``
+``sop_synth:loan_triage``,                   (``aircraft_manual``: the aircraft checks in a
+``sop_synth:preflight``                      ~2,000-token manual chapter)
 ``math:arith``                               integer arithmetic through a calculator tool
 ``sql:employees``                            questions answered by SQL on a per-rollout
                                              in-memory SQLite database

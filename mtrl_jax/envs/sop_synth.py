@@ -11,6 +11,10 @@ Domains:
   numbers equal, pressure at or above the minimum, no open defects and service within 180 days);
   the sixth (``ready``) combines them. Borderline cases (a 1 kg vs a 2 kg difference, pressure
   equal to the minimum) are frequent, so copying a tool value never suffices.
+- ``aircraft_manual`` -- the same checks, rows and tools as ``aircraft_inspection`` inside a
+  maintenance-manual chapter (definitions, general rules, notes, a reference table, escalation,
+  revision history): a ~2,000-token procedure, the long prompt that every episode of a group
+  shares (the workload of shared-prefix packing and prefill).
 - ``preflight`` -- a compact aircraft check for tiny demo models (three tools, four fields, short
   ids and codes that a word-level vocabulary holds as single tokens). Each check applies a rule
   to a tool's value (a deviation threshold, status sets); borderline values (deviation 1 or 2,
@@ -28,9 +32,9 @@ import os
 import random
 from collections.abc import Callable
 
-DOMAINS = ("aircraft_inspection", "loan_triage", "preflight")
+DOMAINS = ("aircraft_inspection", "aircraft_manual", "loan_triage", "preflight")
 #: Bumped whenever a generator's output changes, so cached copies are regenerated.
-VERSIONS = {"aircraft_inspection": 1, "loan_triage": 1, "preflight": 3}
+VERSIONS = {"aircraft_inspection": 1, "aircraft_manual": 1, "loan_triage": 1, "preflight": 3}
 
 
 def _spec(name: str, description: str, arg: str, arg_desc: str) -> dict:
@@ -109,6 +113,119 @@ AIRCRAFT = dict(
     row=_aircraft_row,
     not_found="Aircraft {key} not found",
 )
+
+# ----------------------------------------------------------------------- aircraft manual
+
+_MANUAL_HEAD = """\
+Line maintenance manual, chapter 5: pre-flight airworthiness inspection.
+
+5.1 Scope. This chapter applies to every aircraft of the fleet before its first flight of the
+day and before any flight that follows an overnight stop, a component change, a hard landing
+report or a ground incident. It tells the inspector which systems to read, how to judge each
+reading, and how the result is recorded. It does not replace the type-specific task cards; where
+a task card is stricter than this chapter, the task card governs. Inspectors hold a current
+line authorisation for the aircraft family and sign the record under their own licence number.
+
+5.2 Definitions.
+- Inspector: the licensed engineer who performs the checks and signs the record.
+- Reading: a value returned by an inspection tool for the aircraft under inspection. A reading
+  is taken as returned; it is never rounded, estimated or copied from an earlier record.
+- Expected weight: the weight recorded for the installed component at its last fitting.
+- Deviation: the absolute difference between the measured and the expected component weight.
+- Battery status: the state reported by the battery monitoring unit. The unit reports one of
+  "operational", "nominal", "degraded" or "failed".
+- Installed serial: the serial number read from the component plate. Logged serial: the serial
+  number held in the configuration record for that position.
+- Minimum pressure: the lowest hydraulic system pressure at which the aircraft may be released,
+  as returned with the pressure reading for that aircraft.
+- Open defect: a deferred or unresolved defect entry in the technical log.
+- Days since service: the number of calendar days since the last scheduled service was signed.
+- Release: the statement that the aircraft is ready for flight.
+
+5.3 General rules.
+(a) Read every system with its tool, even when an earlier inspection of the same day passed.
+(b) Judge each check from the readings of this inspection only.
+(c) Record exactly one result per check, using only the words given for that check.
+(d) A check whose reading cannot be obtained is recorded as failed, and the aircraft is not
+    released.
+(e) Borderline readings are judged by the rule as written: a value equal to a limit is within
+    the limit where the rule says "at most" or "at or above", and outside it otherwise.
+(f) Do not record a release before all five system checks have a result.
+
+5.4 The checks. Use the tools to read each system, then record one result per check:
+
+1. mechanical: call inspect_mechanical. "pass" if the component weight differs from the
+   expected weight by at most 1 kg, otherwise "fail".
+2. electrical: call inspect_electrical. "pass" if the battery status is "operational" or
+   "nominal", otherwise "fail".
+3. serial: call verify_serial. "match" if the installed serial equals the logged serial
+   exactly, otherwise "mismatch".
+4. hydraulics: call check_hydraulics. "pass" if the pressure is at or above the minimum,
+   otherwise "fail".
+5. maintenance: call review_maintenance_log. "pass" if there are no open defects and the last
+   service was at most 180 days ago, otherwise "fail".
+6. ready: "yes" only if mechanical, electrical, hydraulics and maintenance are "pass" and
+   serial is "match"; otherwise "no".
+
+5.5 Notes on the checks.
+- Mechanical. A weight change of more than 1 kg usually means a wrong part, a missing
+  fastener set, fluid contamination or an unrecorded modification. Do not re-weigh to obtain
+  a passing value; the first complete reading is the one recorded.
+- Electrical. A "degraded" battery may still start the auxiliary power unit, but it is not
+  accepted for release. A "failed" status is recorded as failed even when the aircraft has
+  ground power connected.
+- Serial. Compare character by character, including letters and leading digits. A serial
+  that differs only in one digit is a mismatch: it indicates either an unrecorded component
+  change or a recording error, and both stop the release until resolved.
+- Hydraulics. The minimum depends on the aircraft variant and is returned with the reading.
+  Use the minimum returned for this aircraft, not a value from a table in this manual.
+- Maintenance. One open defect of any category fails the check for the purpose of this
+  inspection, even if the defect was deferred under the minimum equipment list. Service at
+  exactly 180 days passes; service at 181 days fails.
+
+5.6 Reference data by aircraft variant (for planning only; the tools return the values that
+apply to the aircraft under inspection, and those values govern):
+"""
+
+_MANUAL_TAIL = """
+5.7 Recording the result. Enter the six results in the inspection record in the order of
+section 5.4. Sign the record with the licence number and the local time of completion. When
+the aircraft is not released, add a short reason naming every failed check, and notify the
+maintenance controller before the crew is called for boarding.
+
+5.8 Escalation. The inspector escalates to the shift supervisor when the same check fails on
+two consecutive days for the same aircraft, when a serial mismatch cannot be explained from
+the technical log within thirty minutes, or when a reading is out of range for the tool
+(for example a negative weight or a pressure above the gauge maximum). Escalation does not
+change the recorded result of this inspection.
+
+5.9 Revision history:
+"""
+
+
+def _manual_sop(seed: int = 5) -> str:
+    """The aircraft checks inside a maintenance-manual chapter (~2,000 tokens): the same rules
+    as ``aircraft_inspection``, the long shared prompt of a real SOP. Seeded and fixed."""
+    rng = random.Random(f"aircraft_manual:{seed}")
+    lines = ["variant | max take-off weight (kg) | battery unit | typical minimum pressure (psi)"
+             " | scheduled service interval (days)"]
+    for k in range(24):
+        lines.append(f"AX-{100 + 10 * k} | {rng.randrange(18000, 79000, 500)} | "
+                     f"BMU-{rng.randint(2, 9)}{rng.choice('ABC')} | "
+                     f"{rng.choice([2800, 2900, 3000])} | {rng.choice([90, 120, 150, 180])}")
+    history = []
+    for k in range(8):
+        history.append(f"- Revision {k + 1}, month {rng.randint(1, 12)} of year {2015 + k}: "
+                       + rng.choice(["definitions of open defect aligned with the technical log",
+                                     "hydraulic minimum taken from the reading, not the table",
+                                     "serial comparison made character by character",
+                                     "battery states renamed after the monitoring unit update",
+                                     "escalation thresholds revised", "record format changed",
+                                     "service interval rule clarified at 180 days"]) + ".")
+    return _MANUAL_HEAD + "\n".join(lines) + "\n" + _MANUAL_TAIL + "\n".join(history) + "\n"
+
+
+AIRCRAFT_MANUAL = dict(AIRCRAFT, sop=_manual_sop())
 
 # ----------------------------------------------------------------------- loan triage
 
@@ -213,8 +330,8 @@ PREFLIGHT = dict(
     unique_keys=False,
 )
 
-_DEFS: dict[str, dict] = {"aircraft_inspection": AIRCRAFT, "loan_triage": LOAN,
-                          "preflight": PREFLIGHT}
+_DEFS: dict[str, dict] = {"aircraft_inspection": AIRCRAFT, "aircraft_manual": AIRCRAFT_MANUAL,
+                          "loan_triage": LOAN, "preflight": PREFLIGHT}
 
 
 def generate_domain(name: str, out_dir: str | os.PathLike, *, sizes: dict[str, int] | None = None,
