@@ -3,6 +3,7 @@
     python benchmarks/rl_step.py --model "$(mtrl fetch-model smollm2-135m)"
     python benchmarks/rl_step.py --model PATH --steps 3 --json benchmarks/results/rl_step.json
     python benchmarks/rl_step.py --small              # a minute: a tiny random model
+    python benchmarks/rl_step.py --preset demo --model <the CPU demo's warm base>
 
 Two trainers on one recipe, in one process, stepped in alternation (a slow spell of the
 machine hits both): ``shared`` (the recipe as given: prompts prefilled once per group in
@@ -18,8 +19,13 @@ of 4,096 tokens. The model is any HF folder or GGUF (``--model``); the base Smol
 a tool, so its episodes are one turn that runs to the turn budget.
 
 Reported per arm: every step's time, its rollout and train parts and the seconds XLA spent
-compiling inside it (``jax.monitoring``), trained and computed tokens, rows; the median of the
-steps after the first, with and without compile time; their ratio.
+compiling inside it (``jax.monitoring``), trained and computed tokens, rows, and the train
+step's arithmetic rate (its FLOPs, counted as in ``shared_prefix.py``, over its seconds); the
+median of the steps after the first, with and without compile time; their ratio.
+
+``--preset demo``: the CPU demo's recipe (``configs/demo_cpu.yaml``) on its warm base, now vs
+its packing before issue 21 (rows of 512 in counts of 4 x 2^j): the demo's step time
+before/after and where its step goes.
 """
 
 from __future__ import annotations
@@ -63,6 +69,33 @@ SMALL_OVERRIDES = [
 
 FLAT = ["rollout.shared_prefix_min_tokens=0", "packing.shared_prefix_min_tokens=0"]
 
+DEMO_RECIPE = os.path.join(os.path.dirname(RECIPE), "demo_cpu.yaml")
+DEMO_OVERRIDES = ["checkpoint_interval=0", "eval_interval=0", "tracker=none"]
+# the demo's packing before issue 21: rows of 512 in counts of 4 * 2^j
+DEMO_BEFORE = ["packing.row_lengths=[512]", "packing.row_multiple=4", "packing.round_rows=pow2"]
+
+#: preset -> (recipe, overrides of both arms, the baseline arm's overrides, arm names)
+PRESETS = {
+    "sop": (RECIPE, DEFAULT_OVERRIDES, FLAT, ("shared", "flat")),
+    "small": (RECIPE, SMALL_OVERRIDES, FLAT, ("shared", "flat")),
+    "demo": (DEMO_RECIPE, DEMO_OVERRIDES, DEMO_BEFORE, ("now", "before")),
+}
+
+
+def train_flops(cfg, lora_rank: int, rows: int, length: int) -> float:
+    """FLOPs of a LoRA train step over ``rows x length`` computed tokens (as
+    ``benchmarks/shared_prefix.py``: frozen matmuls forward + activation backward, LoRA
+    gradients, causal attention forward and backward); remat adds one more forward."""
+    h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = (cfg.hidden_size * (h + 2 * kv) * d + h * d * cfg.hidden_size
+                 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    linear = cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+    n_lora = cfg.num_layers * lora_rank * (
+        (cfg.hidden_size + h * d) * 2 + (cfg.hidden_size + kv * d) * 2
+        + (cfg.hidden_size + cfg.intermediate_size) * 3)
+    attn_fwd = cfg.num_layers * rows * 2 * 2 * h * d * length * (length + 1) / 2
+    return 4 * linear * rows * length + 6 * n_lora * rows * length + 3 * attn_fwd
+
 
 class CompileClock:
     """Seconds XLA spends compiling, summed from ``jax.monitoring`` duration events."""
@@ -78,26 +111,35 @@ class CompileClock:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--recipe", default=RECIPE)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="sop",
+                   help="sop: shared vs flat prompts on the long-procedure workload; small: the "
+                        "same on a tiny random model (a smoke run); demo: the CPU demo's recipe "
+                        "now vs its packing before issue 21 (--model: the demo's warm base)")
+    p.add_argument("--small", action="store_true", help="same as --preset small")
+    p.add_argument("--recipe", default=None, help="instead of the preset's recipe")
     p.add_argument("--model", default=None, help="model.path (HF folder or .gguf)")
     p.add_argument("--steps", type=int, default=3, help="steps per arm; the first compiles")
-    p.add_argument("--small", action="store_true", help="tiny random model (a smoke run)")
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*", help="more recipe overrides (key=value)")
     a = p.parse_args(argv)
-    if not a.small and not a.model:
-        p.error("--model PATH (e.g. $(mtrl fetch-model smollm2-135m)) or --small")
-    base = list(SMALL_OVERRIDES if a.small else DEFAULT_OVERRIDES)
-    if a.model and not a.small:
+    if a.small:
+        a.preset = "small"
+    if a.preset != "small" and not a.model:
+        p.error("--model PATH (e.g. $(mtrl fetch-model smollm2-135m), or the demo's warm base) "
+                "or --preset small")
+    recipe, base, baseline, names = PRESETS[a.preset]
+    recipe = a.recipe or recipe
+    base = list(base)
+    if a.model and a.preset != "small":
         base.append(f"model.path={a.model}")
     base += a.overrides
     clock = CompileClock()
     tmp = tempfile.mkdtemp(prefix="rl_step_")
     arms = {}
-    for name, extra in (("shared", []), ("flat", FLAT)):
+    for name, extra in zip(names, ([], baseline), strict=True):
         t = time.perf_counter()
         arms[name] = MultiTurnRLTrainer(
-            a.recipe, overrides=base + extra + [f"output_dir={os.path.join(tmp, name)}"],
+            recipe, overrides=base + extra + [f"output_dir={os.path.join(tmp, name)}"],
             verbose=False)
         print(f"[rl_step] {name}: trainer built in {time.perf_counter() - t:.1f} s", flush=True)
     rec: dict[str, list[dict]] = {k: [] for k in arms}
@@ -117,6 +159,12 @@ def main(argv=None) -> int:
                      "prefill_saved_frac": m.get("rollout/prefill_saved_frac"),
                      "context_tokens": m.get("rollout/tokens/context_mean"),
                      "sampled_tokens": m.get("rollout/tokens/response_mean")}
+                if r["rows"]:
+                    cfg = tr.runner.sampler.model.cfg
+                    r["train_gflop"] = train_flops(
+                        cfg, tr.config.lora.lora_rank, int(r["rows"]), int(r["row_length"])) * (
+                        1.25 if tr.config.model.remat else 1.0) / 1e9
+                    r["train_gflop_per_s"] = r["train_gflop"] / max(r["train_s"] - comp, 1e-9)
                 rec[name].append(r)
                 print(f"[rl_step] step {step + 1} {name:6s}: {r['step_s']:7.1f} s (rollout "
                       f"{r['rollout_s']:.1f}, train {r['train_s']:.1f}, compiling "
@@ -124,7 +172,8 @@ def main(argv=None) -> int:
     finally:
         for tr in arms.values():
             tr.close()
-    out = dict(args=vars(a), overrides=base, env=fingerprint(), steps=rec)
+    out = dict(args=vars(a), recipe=recipe, overrides=base, baseline=baseline, arms=names,
+               env=fingerprint(), steps=rec)
     if a.steps > 1:
         summ = {}
         for name, rs in rec.items():
@@ -135,20 +184,20 @@ def main(argv=None) -> int:
                                                             for r in later),
                 "rollout_s": statistics.median(r["rollout_s"] for r in later),
                 "train_s": statistics.median(r["train_s"] for r in later)}
-        f, s = summ["flat"], summ["shared"]
+        s, f = summ[names[0]], summ[names[1]]
         out["summary"] = dict(arms=summ, speedup=f["step_s"] / s["step_s"],
                               speedup_without_compile=f["step_s_without_compile"]
                               / s["step_s_without_compile"],
                               rollout_speedup=f["rollout_s"] / s["rollout_s"],
                               train_speedup=f["train_s"] / s["train_s"])
         o = out["summary"]
-        print(f"[rl_step] median of steps 2..{a.steps}: flat {f['step_s']:.1f} s vs shared "
-              f"{s['step_s']:.1f} s: {o['speedup']:.2f}x (without compile time "
+        print(f"[rl_step] median of steps 2..{a.steps}: {names[1]} {f['step_s']:.1f} s vs "
+              f"{names[0]} {s['step_s']:.1f} s: {o['speedup']:.2f}x (without compile time "
               f"{o['speedup_without_compile']:.2f}x; rollout {o['rollout_speedup']:.2f}x, train "
               f"{o['train_speedup']:.2f}x)", flush=True)
     # sharing changes no episode: step 1 (same weights, seed, tasks) samples the same ones
     keys = ("reward", "context_tokens", "sampled_tokens")
-    out["same_step1_episodes"] = all(rec["flat"][0][k] == rec["shared"][0][k] for k in keys)
+    out["same_step1_episodes"] = all(rec[names[0]][0][k] == rec[names[1]][0][k] for k in keys)
     print(f"[rl_step] step 1 episodes equal in reward and lengths: "
           f"{out['same_step1_episodes']}", flush=True)
     if a.json:
