@@ -73,7 +73,7 @@ class WarmupConfig:
 
 def _code_version() -> str:
     """Bump when the warm-up's data or format changes (invalidates cached bases)."""
-    return "preflight-v3"
+    return "preflight-v4"  # v4: teacher prompts without the tool-spec fallback (as RL's)
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -221,8 +221,11 @@ def teacher_trajectories(tok, cfg: WarmupConfig):
     sampler = ScriptedSampler(tok, lambda eid, turn, _: plans[eid][min(turn,
                                                                          len(plans[eid]) - 1)],
                               stop_token_id=tok.eos_token_id)
+    # the prompts the RL recipe renders (rollout.tool_specs: template): the tiny template shows
+    # no tool specs, and RL must see what the warm-up trained on
     loop = AgentLoop(tok, sampler, AgentLoopConfig(max_turns=6, sampling_max_tokens=128,
-                                                   max_context_tokens=512))
+                                                   max_context_tokens=512,
+                                                   tool_specs="template"))
 
     async def go():
         sem = asyncio.Semaphore(256)

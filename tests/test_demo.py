@@ -71,6 +71,34 @@ def test_teacher_is_noisy_only_where_it_should_be():
     assert 0 < flipped < len(tasks)
 
 
+def test_the_warmup_trains_on_the_prompts_that_rl_renders(tok):
+    """The teacher's episodes start with exactly the prompt that the demo recipe's agent loop
+    renders for the same task (once they carried the tool-spec fallback that RL does not)."""
+    import asyncio
+
+    from mtrl_jax.config import load_config
+    from mtrl_jax.demo import DEMO_TASK
+    from mtrl_jax.envs.families import make_env
+    from mtrl_jax.rollout.agent_loop import AgentLoop, AgentLoopConfig
+    from mtrl_jax.rollout.sampler import ScriptedSampler
+
+    trajs = teacher_trajectories(tok, WarmupConfig(episodes=6))
+    tasks = {t.id: dataclasses.replace(t, system=None)
+             for t in load_tasks(DEMO_TASK, "train", None, 0)}
+    rl_cfg = AgentLoopConfig.from_rollout(load_config(DEMO_RECIPE).rollout)
+    loop = AgentLoop(tok, ScriptedSampler(tok, lambda *_: "done", stop_token_id=tok.eos_token_id),
+                     rl_cfg)
+    for tr in trajs:
+        task = tasks[tr.task_id]
+        rl = asyncio.run(loop.run(make_env(task), task, episode_id="x"))
+
+        def prompt(t):
+            a = t.samples[0].arrays()
+            return list(a["tokens"][:int(np.argmax(a["loss_mask"] > 0))])
+
+        assert prompt(tr) == prompt(rl) and len(prompt(tr)) < 64
+
+
 def test_tiny_warmup_then_rl_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("MTRL_DATA_DIR", str(tmp_path / "data"))
     cfg = WarmupConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
