@@ -157,6 +157,9 @@ def main(argv=None) -> int:
                      "packing_efficiency": m.get("train/packing_efficiency"),
                      "shared_prefix_saving": m.get("train/shared_prefix_saving"),
                      "prefill_saved_frac": m.get("rollout/prefill_saved_frac"),
+                     "decode_s": m.get("time/rollout_decode_s"),
+                     "outside_decode_s": m.get("time/rollout_outside_decode_s"),
+                     "decode_slot_use": m.get("rollout/decode_slot_use"),
                      "context_tokens": m.get("rollout/tokens/context_mean"),
                      "sampled_tokens": m.get("rollout/tokens/response_mean")}
                 if r["rows"]:

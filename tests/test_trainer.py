@@ -164,6 +164,18 @@ def test_resume_is_exact_after_signals_in_every_phase(tmp_path):
     assert os.path.exists(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
 
 
+def test_a_step_says_where_its_rollout_time_went(tmp_path):
+    t = make(tmp_path, "where", 1)
+    m = t.train_step()
+    t.close()
+    dec, out, roll = (m["time/rollout_decode_s"], m["time/rollout_outside_decode_s"],
+                      m["time/rollout_s"])
+    assert 0 < dec <= roll and out >= 0
+    assert dec + out == pytest.approx(roll, rel=0.2, abs=0.05)  # the source adds a little
+    # the share of the fixed-batch decode calls' slot-steps that sampled a token
+    assert 0 < m["rollout/decode_slot_use"] <= 1
+
+
 def test_nan_loss_skips_the_update_and_training_goes_on(tmp_path):
     EvenBytes.calls = 0
     EvenBytes.nan_on_call = {9}  # an episode of step 2 (8 episodes per step)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,12 @@ class JaxSampler:
         #: input tokens not encoded thanks to shared prefixes, and those encoded (a counter each)
         self.prefill_tokens_saved = 0
         self.prefill_tokens = 0
+        #: seconds spent in decode calls (prefill + sampling, host transfers included), the
+        #: decode steps they ran times ``slots`` (the work a fixed-batch call computes), and the
+        #: tokens actually sampled (counters; where a rollout's time goes)
+        self.decode_seconds = 0.0
+        self.decode_slot_steps = 0
+        self.sampled_tokens = 0
         # called on the decode thread before every decode call (a rollout worker's partial
         # rollouts load newer weights there; the turns that follow carry the new version)
         self.before_decode = None
@@ -233,6 +240,13 @@ class JaxSampler:
                     req.future.set_result(res)
 
     def _decode(self, batch: list[_Request]) -> list[SampleResult]:
+        t0 = time.perf_counter()
+        try:
+            return self._decode_timed(batch)
+        finally:
+            self.decode_seconds += time.perf_counter() - t0
+
+    def _decode_timed(self, batch: list[_Request]) -> list[SampleResult]:
         if self.before_decode is not None:
             self.before_decode()
         if self._reset:
@@ -260,6 +274,8 @@ class JaxSampler:
         lps = np.asarray(out.logprobs)
         counts = np.asarray(out.num_tokens)
         stopped = np.asarray(out.stopped)
+        self.decode_slot_steps += steps * self.slots
+        self.sampled_tokens += int(sum(counts[r.slot] for r in batch))
         results = []
         for r in batch:
             n = int(counts[r.slot])

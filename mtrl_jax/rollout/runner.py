@@ -9,6 +9,7 @@ the trajectories the synchronous trainer would.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -172,14 +173,28 @@ class RolloutRunner:
         """The rollout of training step ``step``: ``group_size`` episodes per task with the
         step's key (``fold_in(key(seed), step)``), task-major."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), step)
-        saved0, fed0 = self.sampler.prefill_tokens_saved, self.sampler.prefill_tokens
+        s = self.sampler
+        names = ("prefill_tokens_saved", "prefill_tokens", "decode_seconds",
+                 "decode_slot_steps", "sampled_tokens")
+        before = {n: getattr(s, n, 0) for n in names}
+        t0 = time.perf_counter()
         trajs = self.run_episodes(tasks, self.config.rollout.group_size, key, tag=f"s{step}")
-        saved = self.sampler.prefill_tokens_saved - saved0
-        fed = self.sampler.prefill_tokens - fed0
+        wall = time.perf_counter() - t0
+        d = {n: getattr(s, n, 0) - before[n] for n in names}
         #: the last rollout step's sampler metrics (every rollout source reports them)
         self.step_metrics = {
             # the share of input tokens that a shared prompt prefill did not encode
-            "rollout/prefill_saved_frac": saved / max(1, saved + fed)}
+            "rollout/prefill_saved_frac":
+                d["prefill_tokens_saved"] / max(1, d["prefill_tokens_saved"] + d["prefill_tokens"])}
+        if hasattr(s, "decode_seconds"):
+            self.step_metrics.update({
+                # where a rollout's time goes: in the model's decode calls, or elsewhere (the
+                # agent loop, tools, rewards, waiting for a round's last episode)
+                "time/rollout_decode_s": d["decode_seconds"],
+                "time/rollout_outside_decode_s": max(0.0, wall - d["decode_seconds"]),
+                # the share of the decode calls' slot-steps that sampled a token (the rest: free
+                # slots and finished episodes riding along in the fixed batch)
+                "rollout/decode_slot_use": d["sampled_tokens"] / max(1, d["decode_slot_steps"])})
         return trajs
 
     def close(self) -> None:
