@@ -97,6 +97,8 @@ def test_k0_worker_process_equals_synchronous_trainer(tmp_path):
         for k in keys:
             assert x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]), (step, k, x[k], y[k])
         assert y["async/staleness/max"] == 0.0
+        # the workers share a group's prompt in prefill, and the update packs it once per row
+        assert y["rollout/prefill_saved_frac"] > 0.3 and y["train/shared_prefix_saving"] > 0.3
     assert pool_pids and not any(_alive(p) for p in pool_pids)  # stopped on a normal exit
     # only LoRA weights travel, once per version (0 at start, then after each step)
     import jax

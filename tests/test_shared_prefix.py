@@ -118,7 +118,7 @@ def test_a_tree_longer_than_a_row_is_split_and_short_prefixes_stay_flat():
     assert same.num_tokens == flat.num_tokens and not same.parent_ids.any()
 
 
-def _grads(c, graphdef, lora, base, batch):
+def _grads(c, graphdef, lora, base, batch, full=False):
     upd = Updater(graphdef, make_optimizer(c)[0], c)
     arrays = {k: jnp.asarray(getattr(batch, k)) for k in ARRAYS}
     args = (lora, base, arrays["tokens"], arrays["positions"], arrays["segment_ids"],
@@ -130,11 +130,12 @@ def _grads(c, graphdef, lora, base, batch):
         arrays["ref_logprobs"] = upd.ref_logprobs(*args)
     loss_fn = make_loss_fn(c)
 
-    def f(lora):
-        return loss_fn(nnx.merge(graphdef, lora, base), arrays)
+    def f(params):
+        return loss_fn(nnx.merge(graphdef, *params), arrays)
 
-    (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(lora)
-    return float(loss), {k: float(v) for k, v in aux.items()}, grads
+    # full=True: with respect to every weight, the frozen base too (full fine-tuning)
+    (loss, aux), grads = jax.value_and_grad(f, has_aux=True)((lora, base))
+    return float(loss), {k: float(v) for k, v in aux.items()}, grads if full else grads[0]
 
 
 # (loss, aggregation, kl_coef, tis_mode, per-token advantages); three run by default, the rest
@@ -188,3 +189,24 @@ def test_loss_and_every_lora_gradient_equal_flat_packing(loss, agg, kl, tis, per
         assert np.linalg.norm(a) > 0
         assert np.linalg.norm(a - b) <= 5e-5 * np.linalg.norm(a), (
             np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def test_full_fine_tuning_gradients_equal_flat_packing():
+    """Every weight's gradient (base and LoRA: full fine-tuning) equal between the packings."""
+    c = load_config(overrides=TINY + ["packing.row_lengths=[128]", "algorithm.kl_coef=0.05"])
+    _, model = build_policy(c)
+    graphdef, lora, base = split_lora(model)
+    segs = _groups(np.random.default_rng(11), 3, 4)
+    flat = pack_for_update(segs, (128,), row_multiple=1, mini_batches=1)
+    tree = pack_for_update(segs, (128,), row_multiple=1, mini_batches=1,
+                           shared_prefix_min_tokens=4)
+    assert tree.num_tokens < flat.num_tokens
+    l_flat, _, g_flat = _grads(c, graphdef, lora, base, flat, full=True)
+    l_tree, _, g_tree = _grads(c, graphdef, lora, base, tree, full=True)
+    assert l_tree == pytest.approx(l_flat, rel=1e-5, abs=1e-7)
+    a = [np.asarray(x, np.float64) for x in jax.tree.leaves(g_flat[1])]
+    b = [np.asarray(x, np.float64) for x in jax.tree.leaves(g_tree[1])]
+    assert len(a) >= 8 and sum(np.linalg.norm(x) > 0 for x in a) >= 8  # base weights are live
+    whole = np.sqrt(sum(np.sum(x ** 2) for x in a))
+    err = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b, strict=True)))
+    assert err <= 1e-5 * whole, err / whole
