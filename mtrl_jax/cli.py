@@ -200,6 +200,39 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from mtrl_jax.config import load_config
+    from mtrl_jax.sweep import Sweep, SweepError, SweepSpec, parse_grid
+
+    try:
+        spec = SweepSpec(name=args.name, recipe=args.recipe, grid=parse_grid(args.grid),
+                         seeds=args.seeds, overrides=list(args.overrides),
+                         evaluate=not args.no_eval)
+        if args.recipe and not os.path.exists(args.recipe):
+            raise SweepError(f"no recipe at {args.recipe}")
+        for cell in spec.cells():  # every child's config is checked before any run starts
+            load_config(spec.recipe, spec.overrides + cell.overrides)
+        res = Sweep(spec, root=args.root).run(parallel=args.parallel)
+    except SweepError as e:
+        print(f"mtrl sweep: {e}", file=sys.stderr)
+        return 2
+    return 1 if res["failed"] else 0
+
+
+def _sweep_report(args: argparse.Namespace) -> int:
+    from mtrl_jax.evaluation.sweep_report import sweep_report
+
+    try:
+        rep = sweep_report(args.sweep, root=args.root, metrics=args.metric,
+                           baseline=args.baseline, out_dir=args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mtrl sweep-report: {e}", file=sys.stderr)
+        return 2
+    print(rep["text"])
+    print(f"page: {rep['html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrl", description="mtrl_jax: multi-turn agentic RL "
                                 "of language models in JAX.")
@@ -301,6 +334,33 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="output folder (default RUN/report)")
     rp.add_argument("--tracking-uri", default=None)
     rp.set_defaults(fn=_report)
+
+    sw = add("sweep", help="a grid of recipe overrides x seeds, each a training run under one "
+             "MLflow parent run (resumable; failed runs do not stop the others)")
+    sw.add_argument("--recipe", default=None, help="YAML recipe (default: the built-in "
+                    "defaults)")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a grid axis (repeatable; the cells are the cartesian product)")
+    sw.add_argument("--seeds", default="0", help="e.g. 0-4 or 0,3,7 (default 0)")
+    sw.add_argument("--name", required=True, help="the sweep's name (its folder under --root)")
+    sw.add_argument("--root", default="sweeps")
+    sw.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    sw.add_argument("--no-eval", action="store_true",
+                    help="skip each run's final held-out evaluation (the report needs it)")
+    sw.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="overrides of the recipe for every run")
+    sw.set_defaults(fn=_sweep)
+
+    sr = add("sweep-report", help="a sweep's cells with 95%% CIs over seeds, paired "
+             "differences against a baseline cell, learning curves (HTML + PNG)")
+    sr.add_argument("sweep", help="the sweep's name (under --root) or its folder")
+    sr.add_argument("--root", default="sweeps")
+    sr.add_argument("--baseline", default=None, help="the baseline cell's label (default: "
+                    "the first cell)")
+    sr.add_argument("--metric", action="append", default=[],
+                    help="another test metric or total to summarise (repeatable)")
+    sr.add_argument("--out", default=None, help="output folder (default SWEEP/report)")
+    sr.set_defaults(fn=_sweep_report)
 
     do = add("doctor", help="name known failure patterns in a run's MLflow metrics, "
                         "with the first thing to change")

@@ -285,6 +285,8 @@ class TrainConfig:
     output_dir: str = "runs/default"
     experiment_name: str = "mtrl_jax"
     run_name: str | None = None
+    # tags set on the tracker's run when it is created (``mlflow.parentRunId`` nests it: sweeps)
+    run_tags: dict[str, str] = dataclasses.field(default_factory=dict)
     # where metrics and traces go: an MLflow run (default), memory (tests) or nowhere
     tracker: Literal["mlflow", "memory", "none"] = "mlflow"
     export_merged: bool = False
@@ -477,6 +479,7 @@ _RULES: dict[str, Any] = {
     "output_dir": _non_empty,
     "experiment_name": _non_empty,
     "run_name": _optional(_non_empty),
+    "run_tags": None,
     "tracker": None,
     "export_merged": None,
 }

@@ -48,14 +48,14 @@ def default_tracking_uri(output_dir: str) -> str:
 
 def make_tracker(kind: str, *, output_dir: str, experiment_name: str,
                  run_name: str | None = None, run_id: str | None = None,
-                 tracking_uri: str | None = None) -> Tracker:
+                 tracking_uri: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
     """``kind``: ``mlflow`` (``tracking_uri`` or the run folder's sqlite store; ``run_id``
-    resumes a run), ``memory`` or ``none``."""
+    resumes a run; ``tags`` are set on a new run), ``memory`` or ``none``."""
     if kind == "mlflow":
         from mtrl_jax.tracking.mlflow import MLflowTracker
 
         return MLflowTracker(tracking_uri or default_tracking_uri(output_dir), experiment_name,
-                             run_name=run_name, run_id=run_id)
+                             run_name=run_name, run_id=run_id, tags=tags)
     if kind == "memory":
         return InMemoryTracker(run_name=run_name)
     if kind == "none":

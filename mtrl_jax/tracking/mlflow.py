@@ -44,7 +44,7 @@ class MLflowTracker:
     """One MLflow run. ``run_id`` resumes an existing run (checkpoint resume)."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, *, run_name: str | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, tags: dict[str, str] | None = None):
         import logging
 
         import mlflow
@@ -67,7 +67,8 @@ class MLflowTracker:
         self.experiment_id = exp.experiment_id if exp else \
             self.client.create_experiment(experiment_name)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name)
+            run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                         tags={k: str(v) for k, v in (tags or {}).items()})
             self.run_id = run.info.run_id
         else:
             self.run_id = run_id

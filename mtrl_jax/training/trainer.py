@@ -264,7 +264,8 @@ class MultiTurnRLTrainer:
                 self._say(f"resumed from step {self.step} ({self.checkpoints.directory})")
         self.tracker = make_tracker(c.tracker, output_dir=c.output_dir,
                                     experiment_name=c.experiment_name, run_name=c.run_name,
-                                    run_id=run_id, tracking_uri=tracking_uri)
+                                    run_id=run_id, tracking_uri=tracking_uri,
+                                    tags=dict(c.run_tags))
         self.tracker.log_params(flatten(c.to_dict()))
         self.history: list[dict[str, float]] = []
 
@@ -359,6 +360,8 @@ class MultiTurnRLTrainer:
         metrics.update({
             "time/rollout_s": t_roll, "time/train_s": t_train,
             "time/step_s": time.perf_counter() - t0,
+            # totals (compute-matched comparisons: sweeps sum them over a run)
+            "rollout/sampled_tokens": float(sampled),
             "throughput/sampled_tokens_per_s": sampled / max(roll.seconds, 1e-9),
             # each epoch passes every packed token once, whatever the mini-batch split
             "throughput/train_tokens_per_s":
