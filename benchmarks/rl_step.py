@@ -14,8 +14,9 @@ tasks and the same episodes (step 1's reward and token counts are compared).
 
 Default workload: ``configs/smollm2_135m.yaml`` on ``sop_synth:aircraft_manual`` (its
 procedure is a ~2,000-token manual chapter; with the tool specs every episode's prompt is
-~2,400 tokens), one group of 8 episodes per step, 3 turns of at most 128 sampled tokens, rows
-of 4,096 tokens. The model is any HF folder or GGUF (``--model``); the base SmolLM2 never calls
+~2,600 tokens), one group of 8 episodes per step, 3 turns of at most 128 sampled tokens, rows
+of 3,072 or 4,096 tokens (each arm takes the one that computes fewer tokens: flat packing one
+episode per 3,072-token row, shared packing the group's tree in one 4,096-token row). The model is any HF folder or GGUF (``--model``); the base SmolLM2 never calls
 a tool, so its episodes are one turn that runs to the turn budget.
 
 Reported per arm: every step's time, its rollout and train parts and the seconds XLA spent
@@ -53,7 +54,7 @@ DEFAULT_OVERRIDES = [
     "data.task=sop_synth:aircraft_manual", "data.n_val=1", "data.n_test=1",
     "rollout.batch_size=1", "rollout.group_size=8", "rollout.max_turns=3",
     "rollout.sampling_max_tokens=128", "rollout.max_context_tokens=4096",
-    "packing.row_lengths=[4096]", "packing.row_multiple=1", "packing.round_rows=multiple",
+    "packing.row_lengths=[3072,4096]", "packing.row_multiple=1", "packing.round_rows=multiple",
     "checkpoint_interval=0", "eval_interval=0", "tracker=none",
 ]
 
