@@ -16,8 +16,9 @@ Default workload: ``configs/smollm2_135m.yaml`` on ``sop_synth:aircraft_manual``
 procedure is a ~2,000-token manual chapter; with the tool specs every episode's prompt is
 ~2,600 tokens), one group of 8 episodes per step, 3 turns of at most 128 sampled tokens, rows
 of 3,072 or 4,096 tokens (each arm takes the one that computes fewer tokens: flat packing one
-episode per 3,072-token row, shared packing the group's tree in one 4,096-token row). The model is any HF folder or GGUF (``--model``); the base SmolLM2 never calls
-a tool, so its episodes are one turn that runs to the turn budget.
+episode per 3,072-token row, shared packing the group's tree in one 4,096-token row). The
+model is any HF folder or GGUF (``--model``); the base SmolLM2 never calls a tool, so its
+episodes are one turn that runs to the turn budget.
 
 Reported per arm: every step's time, its rollout and train parts and the seconds XLA spent
 compiling inside it (``jax.monitoring``), trained and computed tokens, rows, and the train
