@@ -27,6 +27,17 @@ def _thp_available() -> bool:
         return False
 
 
+def fast_malloc_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child process that should start with the fast ``malloc`` (same rules as
+    :func:`reexec_with_fast_malloc`; a copy is returned)."""
+    env = dict(env)
+    current = env.get("GLIBC_TUNABLES", "")
+    if (sys.platform == "linux" and env.get("MTRL_NO_REEXEC") != "1"
+            and MALLOC_TUNABLE not in current and _thp_available()):
+        env["GLIBC_TUNABLES"] = f"{current}:{MALLOC_TUNABLE}" if current else MALLOC_TUNABLE
+    return env
+
+
 def reexec_with_fast_malloc() -> None:
     """Re-exec the running command with ``GLIBC_TUNABLES`` += ``glibc.malloc.hugetlb=1``.
 

@@ -341,8 +341,11 @@ class Sweep:
 
     def _child_env(self) -> dict[str, str]:
         """The children share XLA's persistent compilation cache (the same programs compile
-        once per sweep, not once per run), unless the user set their own."""
-        env = dict(os.environ)
+        once per sweep, not once per run), unless the user set their own; and they start with
+        the fast ``malloc`` that ``mtrl train`` re-executes itself for (:mod:`mtrl_jax.runtime`)."""
+        from mtrl_jax.runtime import fast_malloc_env
+
+        env = fast_malloc_env(os.environ)
         env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(self.folder, ".jax_cache"))
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
         return env

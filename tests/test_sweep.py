@@ -48,6 +48,24 @@ def test_seeds_and_grid_parse():
         SweepSpec("s", None, {"seed": ["1", "2"]}, "0")
 
 
+def test_children_start_with_the_shared_compile_cache_and_the_fast_malloc(tmp_path, monkeypatch):
+    from mtrl_jax import runtime
+
+    monkeypatch.setattr(runtime, "_thp_available", lambda: True)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    monkeypatch.delenv("MTRL_NO_REEXEC", raising=False)
+    sw = Sweep(SweepSpec("e", None, {}, "0"), root=str(tmp_path), say=None)
+    env = sw._child_env()
+    assert env["JAX_COMPILATION_CACHE_DIR"] == os.path.join(sw.folder, ".jax_cache")
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/mine")  # the user's own wins
+    monkeypatch.setenv("MTRL_NO_REEXEC", "1")
+    env = sw._child_env()
+    assert env["JAX_COMPILATION_CACHE_DIR"] == "/mine"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+
+
 def test_paired_bootstrap_and_verdict():
     rng = np.random.default_rng(0)
     a = {s: (rng.random(200) < 0.3).astype(float) for s in range(5)}
