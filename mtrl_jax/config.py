@@ -366,6 +366,13 @@ def _non_empty(v: str):
     return None if v.strip() else "must not be empty"
 
 
+def _tags(v: dict):
+    bad = [k for k, x in v.items() if not isinstance(k, str) or not k or
+           not isinstance(x, (str, int, float, bool))]
+    return None if not bad else f"tag names must be non-empty strings and values scalars; " \
+        f"not {bad}"
+
+
 #: the LoRA targets the model knows (mtrl_jax.models.lora.LORA_TARGETS; not imported here, so
 #: that loading a recipe stays free of the model stack -- a test keeps the two equal)
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -479,7 +486,7 @@ _RULES: dict[str, Any] = {
     "output_dir": _non_empty,
     "experiment_name": _non_empty,
     "run_name": _optional(_non_empty),
-    "run_tags": None,
+    "run_tags": _tags,
     "tracker": None,
     "export_merged": None,
 }

@@ -336,6 +336,7 @@ BAD_VALUES = [
     ("output_dir=''", "output_dir"),
     ("experiment_name=''", "experiment_name"),
     ("run_name=''", "run_name"),
+    ("run_tags={sweep: [1, 2]}", "run_tags"),
     ("tracker=wandb", "tracker"),
     ("export_merged=1", "export_merged"),
 ]
