@@ -160,6 +160,7 @@ def test_a_sweep_runs_resumes_and_reports(tmp_path, capsys):
         pytest.fail("chromium is not installed (CI installs it)")
 
 
+@pytest.mark.slow  # ~60 s in CI (2 child processes); run with -m slow
 def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path):
     from mtrl_jax.cli import main
 
