@@ -198,6 +198,20 @@ class RolloutRunner:
         return trajs
 
     def close(self) -> None:
-        if not self._aloop.is_closed():
+        if self._aloop.is_closed():
+            return
+        try:
+            # episodes a signal interrupted are still tasks of the loop: cancel them first, and
+            # let the interrupt they re-raise here pass (the run is already ending because of it)
+            leftover = [t for t in asyncio.all_tasks(self._aloop) if not t.done()]
+            for t in leftover:
+                t.cancel()
+            try:
+                if leftover:
+                    self._aloop.run_until_complete(
+                        asyncio.gather(*leftover, return_exceptions=True))
+            except KeyboardInterrupt:
+                pass
             self._aloop.run_until_complete(self.sampler.close())
+        finally:
             self._aloop.close()
