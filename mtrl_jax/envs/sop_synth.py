@@ -154,19 +154,7 @@ line authorisation for the aircraft family and sign the record under their own l
 
 5.4 The checks. Use the tools to read each system, then record one result per check:
 
-1. mechanical: call inspect_mechanical. "pass" if the component weight differs from the
-   expected weight by at most 1 kg, otherwise "fail".
-2. electrical: call inspect_electrical. "pass" if the battery status is "operational" or
-   "nominal", otherwise "fail".
-3. serial: call verify_serial. "match" if the installed serial equals the logged serial
-   exactly, otherwise "mismatch".
-4. hydraulics: call check_hydraulics. "pass" if the pressure is at or above the minimum,
-   otherwise "fail".
-5. maintenance: call review_maintenance_log. "pass" if there are no open defects and the last
-   service was at most 180 days ago, otherwise "fail".
-6. ready: "yes" only if mechanical, electrical, hydraulics and maintenance are "pass" and
-   serial is "match"; otherwise "no".
-
+{checks}
 5.5 Notes on the checks.
 - Mechanical. A weight change of more than 1 kg usually means a wrong part, a missing
   fastener set, fluid contamination or an unrecorded modification. Do not re-weigh to obtain
@@ -222,7 +210,9 @@ def _manual_sop(seed: int = 5) -> str:
                                      "battery states renamed after the monitoring unit update",
                                      "escalation thresholds revised", "record format changed",
                                      "service interval rule clarified at 180 days"]) + ".")
-    return _MANUAL_HEAD + "\n".join(lines) + "\n" + _MANUAL_TAIL + "\n".join(history) + "\n"
+    checks = AIRCRAFT_SOP[AIRCRAFT_SOP.index("1. mechanical"):]  # the same rules, word for word
+    return (_MANUAL_HEAD.format(checks=checks) + "\n".join(lines) + "\n" + _MANUAL_TAIL
+            + "\n".join(history) + "\n")
 
 
 AIRCRAFT_MANUAL = dict(AIRCRAFT, sop=_manual_sop())
