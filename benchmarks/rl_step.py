@@ -22,7 +22,7 @@ episodes are one turn that runs to the turn budget.
 
 Reported per arm: every step's time, its rollout and train parts and the seconds XLA spent
 compiling inside it (``jax.monitoring``), trained and computed tokens, rows, and the train
-step's arithmetic rate (its FLOPs, counted as in ``shared_prefix.py``, over its seconds); the
+step's arithmetic rate (its FLOPs, ``shared_prefix.train_flops``, over its seconds); the
 median of the steps after the first, with and without compile time; their ratio.
 
 ``--preset demo``: the CPU demo's recipe (``configs/demo_cpu.yaml``) on its warm base, now vs
@@ -44,7 +44,7 @@ import jax
 import jax.monitoring
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shared_prefix import fingerprint
+from shared_prefix import fingerprint, train_flops
 
 from mtrl_jax import MultiTurnRLTrainer
 
@@ -82,21 +82,6 @@ PRESETS = {
     "small": (RECIPE, SMALL_OVERRIDES, FLAT, ("shared", "flat")),
     "demo": (DEMO_RECIPE, DEMO_OVERRIDES, DEMO_BEFORE, ("now", "before")),
 }
-
-
-def train_flops(cfg, lora_rank: int, rows: int, length: int) -> float:
-    """FLOPs of a LoRA train step over ``rows x length`` computed tokens (as
-    ``benchmarks/shared_prefix.py``: frozen matmuls forward + activation backward, LoRA
-    gradients, causal attention forward and backward); remat adds one more forward."""
-    h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    per_layer = (cfg.hidden_size * (h + 2 * kv) * d + h * d * cfg.hidden_size
-                 + 3 * cfg.hidden_size * cfg.intermediate_size)
-    linear = cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
-    n_lora = cfg.num_layers * lora_rank * (
-        (cfg.hidden_size + h * d) * 2 + (cfg.hidden_size + kv * d) * 2
-        + (cfg.hidden_size + cfg.intermediate_size) * 3)
-    attn_fwd = cfg.num_layers * rows * 2 * 2 * h * d * length * (length + 1) / 2
-    return 4 * linear * rows * length + 6 * n_lora * rows * length + 3 * attn_fwd
 
 
 class CompileClock:

@@ -88,23 +88,28 @@ def used_rows(b: PackedBatch) -> PackedBatch:
     return out
 
 
-def predicted_flops(b: PackedBatch, cfg: ModelConfig, lora: LoRAConfig) -> float:
-    """Training FLOPs of a LoRA step over ``b``'s rows: forward + activation backward of every
-    matmul (frozen weights: no weight gradient) over every computed token, LoRA weight
-    gradients, and causal attention (scores and values, forward and backward) over each row."""
-    rows, length = b.shape
+def train_flops(cfg: ModelConfig, lora_rank: int, rows: int, length: int) -> float:
+    """Training FLOPs of a LoRA step over ``rows x length`` computed tokens: forward +
+    activation backward of every matmul (frozen weights: no weight gradient) over every computed
+    token, LoRA weight gradients, and causal attention (scores and values, forward and backward)
+    over each row."""
     tokens = rows * length
     h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_layer = (cfg.hidden_size * (h + 2 * kv) * d + h * d * cfg.hidden_size
                  + 3 * cfg.hidden_size * cfg.intermediate_size)
     linear = cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
     n_lora = 0
-    if lora.rank:
-        n_lora = cfg.num_layers * lora.rank * (
+    if lora_rank:
+        n_lora = cfg.num_layers * lora_rank * (
             (cfg.hidden_size + h * d) * 2 + (cfg.hidden_size + kv * d) * 2
             + (cfg.hidden_size + cfg.intermediate_size) * 3)
     attn_fwd = cfg.num_layers * rows * 2 * 2 * h * d * length * (length + 1) / 2
     return 4 * linear * tokens + 6 * n_lora * tokens + 3 * attn_fwd
+
+
+def predicted_flops(b: PackedBatch, cfg: ModelConfig, lora: LoRAConfig) -> float:
+    """:func:`train_flops` over ``b``'s rows (padding included)."""
+    return train_flops(cfg, lora.rank, *b.shape)
 
 
 def bench_train(cfg, lora, segs, row, iters, rounds, remat=False):
