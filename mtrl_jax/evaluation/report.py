@@ -18,6 +18,11 @@ import numpy as np
 
 from mtrl_jax.evaluation.doctor import History, _series, diagnose, load_history
 
+#: marks on <body> how many images loaded (``data-figures``), read back in headless Chromium
+FIGURES_LOADED = ("<script>window.addEventListener('load', () => { document.body.dataset"
+                  ".figures = [...document.images].filter(i => i.complete && i.naturalWidth > 0)"
+                  ".length; });</script>")
+
 
 def _plt():
     import matplotlib
@@ -184,9 +189,7 @@ def build_report(run: str, *, eval_path: str | None = None, out_dir: str | None 
             parts.append(f"<div class='disagreement'><b>{e(m)}</b> task {e(x['task_id'])}: "
                          f"reward {x['reward']:.3f}, strict {x['strict']}"
                          f"<pre>{e(x['final_text'])}</pre></div>")
-    parts.append("<script>window.addEventListener('load', () => { document.body.dataset"
-                 ".figures = [...document.images].filter(i => i.complete && i.naturalWidth > 0)"
-                 ".length; });</script></body></html>")
+    parts.append(FIGURES_LOADED + "</body></html>")
     path = os.path.join(out_dir, "report.html")
     with open(path, "w") as f:
         f.write("\n".join(parts))

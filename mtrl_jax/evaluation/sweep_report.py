@@ -219,6 +219,8 @@ def _plot_curves(res, metric: str, path: str) -> bool:
 
 
 def _html(rep: dict[str, Any], figures) -> str:
+    from mtrl_jax.evaluation.report import FIGURES_LOADED
+
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sweep {e(rep['sweep'])}"
              "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
@@ -251,7 +253,5 @@ def _html(rep: dict[str, Any], figures) -> str:
     for metric, name in figures:
         parts.append(f"<h3>{e(metric)}</h3><img class='figure' src='{e(name)}' "
                      f"alt='{e(metric)}' width='750'>")
-    parts.append("<script>window.addEventListener('load', () => { document.body.dataset"
-                 ".figures = [...document.images].filter(i => i.complete && i.naturalWidth > 0)"
-                 ".length; });</script></body></html>")
+    parts.append(FIGURES_LOADED + "</body></html>")
     return "\n".join(parts)
