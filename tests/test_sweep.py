@@ -12,6 +12,7 @@ import pytest
 
 from mtrl_jax.evaluation.sweep_report import paired_bootstrap, sweep_report, verdict
 from mtrl_jax.sweep import Sweep, SweepError, SweepSpec, parse_grid, parse_seeds
+from tests.notebook_runner import run_notebook
 
 TINY = [
     "model.tiny={hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2, "
@@ -158,6 +159,24 @@ def test_a_sweep_runs_resumes_and_reports(tmp_path, capsys):
         assert dom.count("class=\"cell\"") == 2 and dom.count("class=\"comparison\"") == 1
     elif os.environ.get("CI"):
         pytest.fail("chromium is not installed (CI installs it)")
+
+    # the sweep notebook reads the same sweep back from MLflow alone (and checks itself against
+    # the report inside); here its numbers against the children's own files
+    ns = run_notebook("sweep_analysis.py", {"MTRL_NB_SWEEP": sw.folder,
+                                            "MTRL_NB_CURVE": "rollout/reward/mean"})
+    assert set(ns["summary"]) == {c.label for c in sw.spec.cells()}
+    assert all(v["n"] == 2 and v["low"] <= v["mean"] <= v["high"] for v in ns["summary"].values())
+    for c in sw.spec.cells():
+        for s in (0, 1):
+            with open(sw.result_path(c, s)) as f:
+                res = json.load(f)
+            assert ns["final"][c.label][s] == res["test"]["test/greedy/strict_success"]
+            assert sorted(ns["curves"][c.label]["per_seed"][s].items()) == \
+                [tuple(x) for x in res["curves"]["rollout/reward/mean"]]
+        assert list(ns["curves"][c.label]["steps"]) == [1, 2]
+    (label, row), = ns["paired"].items()
+    assert label == "algorithm.loss.name=cispo" and row["seeds"] == 2
+    assert row["verdict"] == rep["comparisons"][label]["verdict"]
 
 
 @pytest.mark.slow  # ~60 s in CI (2 child processes); run with -m slow
