@@ -200,6 +200,18 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from mtrl_jax.serving.server import serve
+
+    if not os.path.exists(args.model):
+        print(f"mtrl serve: no model at {args.model}", file=sys.stderr)
+        return 2
+    serve(args.model, host=args.host, port=args.port, lora_rank=args.lora_rank,
+          lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, slots=args.slots,
+          max_len=args.max_len, seed=args.seed, served_model_name=args.served_model_name)
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from mtrl_jax.config import load_config
     from mtrl_jax.sweep import Sweep, SweepError, SweepSpec, parse_grid
@@ -256,6 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "like them): every tool call is repeated on it and the answers compared")
     ec.add_argument("--json", action="store_true", help="print the report as JSON")
     ec.set_defaults(fn=_env_check)
+
+    sv = add("serve", help="serve a model over the subset of vLLM's HTTP API that rollouts "
+             "use (token-in/token-out generation, runtime LoRA load/unload, models, health)")
+    sv.add_argument("--model", required=True, help="HF folder or .gguf")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--lora-rank", type=int, default=0,
+                    help="LoRA slots for runtime adapters (the trainer's lora.lora_rank)")
+    sv.add_argument("--lora-alpha", type=float, default=None)
+    sv.add_argument("--lora-targets", default=None, help="comma list (default: all projections)")
+    sv.add_argument("--slots", type=int, default=64, help="concurrent sequences (KV-cache rows)")
+    sv.add_argument("--max-len", type=int, default=4096, help="tokens per sequence")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--served-model-name", default=None)
+    sv.set_defaults(fn=_serve)
 
     tr = add("train", help="train with a YAML recipe (resumes from the newest "
                         "checkpoint in output_dir)")

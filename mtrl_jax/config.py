@@ -40,6 +40,7 @@ import difflib
 import functools
 import math
 import os
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -141,6 +142,11 @@ class RolloutSection:
     # a group's common prompt (at least this many equal tokens) is encoded once and its cache
     # copied to the group's slots; 0 = each episode encodes its own prompt
     shared_prefix_min_tokens: int = 16
+    # who samples: the in-process JAX decoder (jax), or inference servers speaking vLLM's API
+    # (server: a real `vllm serve` or `mtrl serve`; mtrl_jax/serving), listed in `servers`
+    backend: Literal["jax", "server"] = "jax"
+    servers: tuple[str, ...] = ()
+    server_timeout_s: float = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +372,11 @@ def _non_empty(v: str):
     return None if v.strip() else "must not be empty"
 
 
+def _server_urls(v: tuple[str, ...]):
+    bad = [u for u in v if not re.fullmatch(r"https?://[^/\s]+/?", u)]
+    return f"each must be http://host:port, got {bad}" if bad else None
+
+
 def _tags(v: dict):
     bad = [k for k, x in v.items() if not isinstance(k, str) or not k or
            not isinstance(x, (str, int, float, bool))]
@@ -441,6 +452,9 @@ _RULES: dict[str, Any] = {
     "rollout.simulated_tool_latency_s": _at_least(0),
     "rollout.max_tool_result_bytes": _at_least(256),
     "rollout.max_tool_result_tokens": _at_least(16),
+    "rollout.backend": None,  # a Literal: checked by type
+    "rollout.servers": _server_urls,
+    "rollout.server_timeout_s": _above(0),
     "val_sampling_params.sampling_max_tokens": _at_least(1),
     "val_sampling_params.temperature": _at_least(0),
     "val_sampling_params.num_samples": _at_least(0),
@@ -571,6 +585,10 @@ def _check(c: TrainConfig) -> None:
              f"{r.max_context_tokens} exceeds the longest packing row "
              f"(packing.row_lengths max {max(c.packing.row_lengths)}): an episode would not fit "
              "a row")
+    if ok("rollout.backend", "rollout.servers"):
+        need(r.backend != "server" or bool(r.servers), "rollout.servers",
+             "rollout.backend is 'server': list the servers (http://host:port of each "
+             "`vllm serve` or `mtrl serve`)")
     _check_model(c, errors, ok)
     kernels_ok = _check_kernels(c, errors, ok)
     if ok("data.imports", "data.task", "data.reward"):

@@ -297,14 +297,12 @@ def merge_lora(model: CausalLM) -> CausalLM:
     return nnx.merge(graphdef, _state_from_flat(abstract, values))
 
 
-def load_peft_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> CausalLM:
-    """Load a PEFT LoRA adapter (as :func:`export_peft_adapter` writes it) into ``model``'s
-    adapters, in place; returns ``model``. The model's LoRA rank, alpha and targets must match
-    the adapter's ``adapter_config.json`` (see :func:`peft_lora_config`); every adapted
-    projection must be in the file."""
+def _peft_values(model: CausalLM, adapter_dir: str) -> Iterator[tuple[Path, str, Any,
+                                                                    np.ndarray]]:
+    """``(Linear path, "lora_a" | "lora_b", the model's param, the adapter's value)`` for every
+    adapted projection, checked against the model (rank, alpha, targets, shapes, no extras)."""
     from safetensors.numpy import load_file
 
-    adapter_dir = os.fspath(adapter_dir)
     want = peft_lora_config(adapter_dir)
     have = model.lora_config
     if (have.rank, float(have.alpha), tuple(sorted(have.targets))) != \
@@ -325,12 +323,35 @@ def load_peft_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> Causal
             if value.shape != tuple(param[...].shape):
                 raise ValueError(f"{adapter_dir}: {key} has shape {value.T.shape}, the model "
                                  f"expects {tuple(reversed(param[...].shape))}")
-            param[...] = jnp.asarray(value, dtype=param[...].dtype)
             used.add(key)
+            yield path, attr, param, value
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(f"{adapter_dir}: tensors the model has no place for: {extra[:4]}")
+
+
+def load_peft_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> CausalLM:
+    """Load a PEFT LoRA adapter (as :func:`export_peft_adapter` writes it) into ``model``'s
+    adapters, in place; returns ``model``. The model's LoRA rank, alpha and targets must match
+    the adapter's ``adapter_config.json`` (see :func:`peft_lora_config`); every adapted
+    projection must be in the file."""
+    values = list(_peft_values(model, os.fspath(adapter_dir)))  # all checked before any write
+    for _, _, param, value in values:
+        param[...] = jnp.asarray(value, dtype=param[...].dtype)
     return model
+
+
+def read_peft_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """A PEFT LoRA adapter as a pure dict of ``model``'s LoRA state (what
+    ``nnx.replace_by_pure_dict`` takes), checked as :func:`load_peft_adapter` checks it;
+    ``model`` is not changed."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    for path, attr, param, value in _peft_values(model, os.fspath(adapter_dir)):
+        node = pure
+        for p in path:
+            node = node[p]
+        node[attr] = jnp.asarray(value, dtype=param[...].dtype)
+    return pure
 
 
 def peft_lora_config(adapter_dir: str | os.PathLike) -> LoRAConfig:

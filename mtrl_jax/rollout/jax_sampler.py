@@ -18,6 +18,11 @@ rollouts this way, which makes a run (and a resumed run) reproducible.
 ``update_weights(lora_state, version)`` swaps the LoRA adapters between calls; later turns of
 an episode then carry the new version (partial rollouts), recorded per turn in
 ``SampleResult.policy_version``.
+
+Named adapters (a server holding several policy versions at once, :mod:`mtrl_jax.serving`):
+``add_adapter(name, lora_state, version)`` registers one, and ``sample(..., adapter=name)``
+decodes with it. A decode call serves one adapter (like one set of sampling parameters); the
+weights are swapped in before the call that needs them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class _Request:
     max_tokens: int
     params: SamplingParams
     future: asyncio.Future
+    adapter: str | None = None
 
 
 class JaxSampler:
@@ -100,6 +106,9 @@ class JaxSampler:
         self._worker: asyncio.Task | None = None
         self._round: int | None = None  # episodes in the current lockstep round
         self._round_done: set[str] = set()
+        #: named adapters: name -> (LoRA state or pure dict, version); the one loaded now
+        self.adapters: dict[str, tuple[Any, int]] = {}
+        self.active_adapter: str | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -128,10 +137,14 @@ class JaxSampler:
         self._round_done = set()
 
     async def sample(self, episode_id: str, tokens: Sequence[int], max_tokens: int,
-                     params: SamplingParams | None = None) -> SampleResult:
+                     params: SamplingParams | None = None, *,
+                     adapter: str | None = None) -> SampleResult:
         """Continue the episode by at most ``max_tokens`` tokens sampled with ``params``
         (default: the sampler's). Requests with different parameters are served by different
-        decode calls."""
+        decode calls. ``adapter``: a name given to :meth:`add_adapter` (None: the weights the
+        model holds)."""
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"no adapter named {adapter!r} (loaded: {sorted(self.adapters)})")
         self._ensure_worker()
         slot = await self._acquire(episode_id)
         held = self.fed[slot]
@@ -150,7 +163,7 @@ class JaxSampler:
             return SampleResult([], [], "length", self.policy_version)
         fut = asyncio.get_running_loop().create_future()
         self.pending.append(_Request(slot, new, min(max_tokens, room), params or self.params,
-                                     fut))
+                                     fut, adapter))
         self._wake.set()
         return await fut
 
@@ -183,6 +196,16 @@ class JaxSampler:
             state = lora_state
         nnx.update(self.model, state)
         self.policy_version = version
+        self.active_adapter = None
+
+    def add_adapter(self, name: str, lora_state: Any, version: int) -> None:
+        """Register LoRA weights (an ``nnx.State`` or pure dict) under ``name``."""
+        self.adapters[name] = (lora_state, version)
+
+    def remove_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -221,11 +244,11 @@ class JaxSampler:
                 continue  # lockstep: wait for every running episode of the round
             if not self.pending:
                 continue
-            # one decode call samples with one set of parameters: serve the oldest request's
-            # and leave the others for the next call
-            params = self.pending[0].params
-            batch = [r for r in self.pending if r.params == params]
-            self.pending = [r for r in self.pending if r.params != params]
+            # one decode call samples with one set of parameters (and one adapter): serve the
+            # oldest request's and leave the others for the next call
+            want = (self.pending[0].params, self.pending[0].adapter)
+            batch = [r for r in self.pending if (r.params, r.adapter) == want]
+            self.pending = [r for r in self.pending if (r.params, r.adapter) != want]
             if self.pending:
                 self._wake.set()
             try:
@@ -249,6 +272,11 @@ class JaxSampler:
     def _decode_timed(self, batch: list[_Request]) -> list[SampleResult]:
         if self.before_decode is not None:
             self.before_decode()
+        name = batch[0].adapter
+        if name is not None and name != self.active_adapter:
+            lora, version = self.adapters[name]
+            self.update_weights(lora, version)
+            self.active_adapter = name
         if self._reset:
             reset, self._reset = sorted(self._reset), set()
             self.cache = self.cache._replace(

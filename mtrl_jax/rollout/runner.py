@@ -9,6 +9,7 @@ the trajectories the synchronous trainer would.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -109,9 +110,17 @@ class RolloutRunner:
         #: sampling of training rollouts; evaluation passes its own (:meth:`sampling`)
         self.train_sampling = self.sampling(r.temperature, r.sampling_max_tokens)
         self.slots = r.batch_size * r.group_size
-        self.sampler = JaxSampler(model, self.train_sampling, slots=self.slots,
-                                  max_len=r.max_context_tokens, seed=config.seed,
-                                  shared_prefix_min_tokens=r.shared_prefix_min_tokens)
+        if r.backend == "server":
+            from mtrl_jax.serving.client import ServerSampler
+
+            self.sampler = ServerSampler(
+                r.servers, self.train_sampling, model=model, timeout_s=r.server_timeout_s,
+                adapter_dir=os.path.join(config.output_dir, "served_adapters"),
+                seed=config.seed)
+        else:
+            self.sampler = JaxSampler(model, self.train_sampling, slots=self.slots,
+                                      max_len=r.max_context_tokens, seed=config.seed,
+                                      shared_prefix_min_tokens=r.shared_prefix_min_tokens)
         self.loop = AgentLoop(tokenizer, self.sampler, AgentLoopConfig.from_rollout(r))
         self.step_metrics: dict[str, float] = {}
         self._aloop = asyncio.new_event_loop()
