@@ -224,3 +224,43 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
                 proc.kill()
                 pytest.fail("mtrl serve did not stop on SIGTERM")
     assert all(p.poll() is not None for p, _ in procs)
+
+
+def test_a_training_run_with_the_server_backend(tmp_path):
+    """Two steps of the trainer sampling through `mtrl serve`: the base model before any
+    update, then each new LoRA version exported, loaded by name and recorded on its tokens."""
+    from mtrl_jax.config import load_config
+    from mtrl_jax.rollout.runner import build_policy
+    from mtrl_jax.training.trainer import MultiTurnRLTrainer
+    from tests.test_sweep import TINY
+
+    tiny = [o for o in TINY if not o.startswith(("steps=", "checkpoint_interval="))]
+    tokenizer, model = build_policy(load_config(None, tiny))
+    model_dir = str(tmp_path / "model")
+    save_model(model, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    proc, url = _start_server(model_dir, str(tmp_path))
+    try:
+        _wait_healthy(url, proc)
+        over = [o for o in tiny if not o.startswith(("model.tiny=", "lora.lora_rank="))]
+        t = MultiTurnRLTrainer(None, overrides=over + [
+            f"model.path={model_dir}", f"lora.lora_rank={LORA.rank}", "steps=3",
+            "checkpoint_interval=0", f"output_dir={tmp_path / 'run'}", "tracker=none",
+            "rollout.backend=server", f"rollout.servers=[{url}]"], verbose=False)
+        hist = t.train()
+        t.close()
+        assert len(hist) == 3
+        assert all(h["rollout/server_requests"] >= 4 and h["rollout/servers_live"] == 1
+                   for h in hist)
+        assert [h.get("rollout/server_failures", 0) for h in hist] == [0, 0, 0]
+        ids = [c["id"] for c in json.loads(urllib.request.urlopen(url + P.MODELS).read())["data"]]
+        # the run's last version (3, after step 3) is loaded; older ones were unloaded
+        assert ids[0] == "model" and ids[-1] == "policy-v3" and len(ids) <= 3
+        assert os.path.exists(tmp_path / "run" / "served_adapters" / "policy-v2" /
+                              "adapter_config.json")
+        # each step's episodes were sampled by that step's version (the ledger's record)
+        with open(tmp_path / "run" / "rollout_ledger.jsonl") as f:
+            assert [json.loads(line)["start_version"] for line in f] == [0, 1, 2]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0 or proc.returncode is not None

@@ -204,6 +204,12 @@ class RolloutRunner:
                 # the share of the decode calls' slot-steps that sampled a token (the rest: free
                 # slots and finished episodes riding along in the fixed batch)
                 "rollout/decode_slot_use": d["sampled_tokens"] / max(1, d["decode_slot_steps"])})
+        if hasattr(s, "metrics"):  # inference servers: requests, retries, failures, live servers
+            now = s.metrics()
+            last = getattr(self, "_server_metrics", {})
+            self.step_metrics.update({k: v - last.get(k, 0.0) if k != "rollout/servers_live"
+                                      else v for k, v in now.items()})
+            self._server_metrics = now
         return trajs
 
     def close(self) -> None:
