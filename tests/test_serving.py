@@ -180,7 +180,7 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
         for url in urls:
             ids = [c["id"] for c in json.loads(urllib.request.urlopen(url + P.MODELS).read())
                    ["data"]]
-            assert ids == ["model", "policy-v1"]
+            assert ids == ["model", f"p{os.getpid()}-policy-v1"]
         v1_local, v1_remote = _episodes(local), _episodes(remote)
         _same(v1_local, v1_remote)
         assert any(v1_local[k].samples[0].tokens != v0_local[k].samples[0].tokens
@@ -190,7 +190,7 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
         remote.update_weights(jax.tree.map(lambda x: x * -1.0, new), 2)
         ids = [c["id"] for c in json.loads(urllib.request.urlopen(urls[1] + P.MODELS).read())
                ["data"]]
-        assert ids == ["model", "policy-v2"]
+        assert ids == ["model", f"p{os.getpid()}-policy-v2"]
 
         # one server killed after its first answers: every episode still completes once
         victim, _ = procs[0]
@@ -226,9 +226,11 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
     assert all(p.poll() is not None for p, _ in procs)
 
 
-def test_a_training_run_with_the_server_backend(tmp_path):
-    """Two steps of the trainer sampling through `mtrl serve`: the base model before any
-    update, then each new LoRA version exported, loaded by name and recorded on its tokens."""
+@pytest.mark.parametrize("k", [0, 1])
+def test_a_training_run_with_the_server_backend(tmp_path, k):
+    """Three steps of the trainer sampling through `mtrl serve`, synchronously (k = 0) and from
+    a rollout worker process one step ahead (k = 1): the base model before any update, then each
+    new LoRA version exported, loaded by name and recorded on its tokens."""
     from mtrl_jax.config import load_config
     from mtrl_jax.rollout.runner import build_policy
     from mtrl_jax.training.trainer import MultiTurnRLTrainer
@@ -246,7 +248,8 @@ def test_a_training_run_with_the_server_backend(tmp_path):
         t = MultiTurnRLTrainer(None, overrides=over + [
             f"model.path={model_dir}", f"lora.lora_rank={LORA.rank}", "steps=3",
             "checkpoint_interval=0", f"output_dir={tmp_path / 'run'}", "tracker=none",
-            "rollout.backend=server", f"rollout.servers=[{url}]"], verbose=False)
+            "rollout.backend=server", f"rollout.servers=[{url}]",
+            f"async_config.max_steps_off_policy={k}"], verbose=False)
         hist = t.train()
         t.close()
         assert len(hist) == 3
@@ -254,13 +257,20 @@ def test_a_training_run_with_the_server_backend(tmp_path):
                    for h in hist)
         assert [h.get("rollout/server_failures", 0) for h in hist] == [0, 0, 0]
         ids = [c["id"] for c in json.loads(urllib.request.urlopen(url + P.MODELS).read())["data"]]
-        # the run's last version (3, after step 3) is loaded; older ones were unloaded
-        assert ids[0] == "model" and ids[-1] == "policy-v3" and len(ids) <= 3
-        assert os.path.exists(tmp_path / "run" / "served_adapters" / "policy-v2" /
-                              "adapter_config.json")
-        # each step's episodes were sampled by that step's version (the ledger's record)
+        # newer versions than the base are loaded (by the trainer's and the worker's samplers,
+        # each under its own process id); each keeps only its newest
+        assert ids[0] == "model" and all("-policy-v" in i for i in ids[1:])
+        assert len(ids) <= 1 + (k + 1), ids
+        exported = os.listdir(tmp_path / "run" / "served_adapters")
+        assert any(e.endswith("-policy-v1") for e in exported), exported
+        # each step's episodes were sampled by that step's version, or up to k before it (the
+        # ledger's record; the staleness admission applies unchanged)
         with open(tmp_path / "run" / "rollout_ledger.jsonl") as f:
-            assert [json.loads(line)["start_version"] for line in f] == [0, 1, 2]
+            versions = [json.loads(line)["start_version"] for line in f]
+        assert len(versions) == 3
+        assert all(s - k <= v <= s for s, v in enumerate(versions)), versions
+        if k == 0:
+            assert versions == [0, 1, 2]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0 or proc.returncode is not None

@@ -11,9 +11,11 @@ taken-out server is probed with ``/health`` every ``probe_interval_s`` and retur
 answers. Retries are bounded (``retries`` attempts per turn), and every failure is counted.
 
 LoRA versions: :meth:`ServerSampler.update_weights` writes the policy's adapters as a PEFT
-folder (``<adapter_dir>/policy-v<N>``; the servers must read the same filesystem), loads it on
-every server under the name ``policy-v<N>`` and requests that name from then on; the sampled
-tokens record version N. An older version is unloaded once no request uses it.
+folder (``<adapter_dir>/p<pid>-policy-v<N>``; the servers must read the same filesystem), loads
+it on every server under that name and requests that name from then on; the sampled tokens
+record version N. An older version is unloaded once no request of this sampler uses it. The
+process id in the name keeps samplers of different processes (the trainer's evaluation, a
+rollout worker) from unloading each other's adapters.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class ServerSampler:
         else:
             state = lora_state
         nnx.update(self.model, state)
-        name = f"policy-v{version}"
+        name = f"p{os.getpid()}-policy-v{version}"
         path = os.path.abspath(os.path.join(self.adapter_dir, name))
         export_peft_adapter(self.model, path)
         for url in self.live():
