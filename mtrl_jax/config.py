@@ -294,7 +294,7 @@ class TrainConfig:
     # tags set on the tracker's run when it is created (``mlflow.parentRunId`` nests it: sweeps)
     run_tags: dict[str, str] = dataclasses.field(default_factory=dict)
     # where metrics and traces go: an MLflow run (default), memory (tests) or nowhere
-    tracker: Literal["mlflow", "memory", "none"] = "mlflow"
+    tracker: Literal["mlflow", "jsonl", "memory", "none"] = "mlflow"
     export_merged: bool = False
 
     def __post_init__(self):

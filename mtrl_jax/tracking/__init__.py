@@ -4,6 +4,8 @@
   in the run folder, or any tracking URI), trajectories as traces.
 - :class:`InMemoryTracker` -- everything kept in Python lists and dicts (tests, notebooks).
 - :class:`NoOpTracker` -- discards everything.
+- :class:`~mtrl_jax.tracking.jsonl.JsonlTracker` -- JSON-lines files in the run folder; what
+  ``mlflow`` becomes, with one warning, where MLflow is not installed.
 
 Callers use only the :class:`Tracker` protocol; none reaches into a store's client. Chosen by the
 recipe's ``tracker`` key through :func:`make_tracker`.
@@ -11,6 +13,7 @@ recipe's ``tracker`` key through :func:`make_tracker`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Protocol, runtime_checkable
 
 from mtrl_jax.tracking.memory import InMemoryTracker, NoOpTracker
@@ -50,7 +53,21 @@ def make_tracker(kind: str, *, output_dir: str, experiment_name: str,
                  run_name: str | None = None, run_id: str | None = None,
                  tracking_uri: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
     """``kind``: ``mlflow`` (``tracking_uri`` or the run folder's sqlite store; ``run_id``
-    resumes a run; ``tags`` are set on a new run), ``memory`` or ``none``."""
+    resumes a run; ``tags`` are set on a new run), ``jsonl``, ``memory`` or ``none``. Without
+    an importable ``mlflow``, ``mlflow`` means ``jsonl`` (one warning)."""
+    if kind == "mlflow" and not mlflow_available():
+        global _WARNED
+        if not _WARNED:
+            warnings.warn("mlflow is not installed: metrics and trajectories go to JSON lines "
+                          f"in {output_dir}/tracking instead (tracker: jsonl)", stacklevel=2)
+            _WARNED = True
+        kind = "jsonl"
+    if kind == "jsonl":
+        from mtrl_jax.tracking.jsonl import JsonlTracker
+
+        tracker = JsonlTracker(output_dir, run_name=run_name)
+        tracker.set_tags(tags or {})
+        return tracker
     if kind == "mlflow":
         from mtrl_jax.tracking.mlflow import MLflowTracker
 
@@ -60,4 +77,17 @@ def make_tracker(kind: str, *, output_dir: str, experiment_name: str,
         return InMemoryTracker(run_name=run_name)
     if kind == "none":
         return NoOpTracker()
-    raise ValueError(f"unknown tracker {kind!r}; use mlflow, memory or none")
+    raise ValueError(f"unknown tracker {kind!r}; use mlflow, jsonl, memory or none")
+
+
+_WARNED = False
+
+
+def mlflow_available() -> bool:
+    """Whether ``import mlflow`` works (checked when a tracker is made, never at import)."""
+    import importlib.util
+    import sys
+
+    if "mlflow" in sys.modules:
+        return sys.modules["mlflow"] is not None
+    return importlib.util.find_spec("mlflow") is not None
