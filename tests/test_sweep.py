@@ -79,6 +79,7 @@ def test_paired_bootstrap_and_verdict():
     assert lo < 0 < hi
     assert verdict("A", "B", lo, hi, 5, 200).startswith("no detectable difference")
     assert verdict("A", "B", -0.3, -0.1, 5, 200) == "B worse than A"
+    assert verdict("A", "B", -0.3, -0.1, 1, 200).startswith("B worse than A (1 seed: task noise")
     with pytest.raises(ValueError, match="share no finished seed"):
         paired_bootstrap({0: [1.0]}, {1: [1.0]})
 

@@ -67,10 +67,13 @@ def paired_bootstrap(a: dict[int, Sequence[float]], b: dict[int, Sequence[float]
 
 
 def verdict(base: str, other: str, lo: float, hi: float, seeds: int, tasks: int) -> str:
+    # with one shared seed the bootstrap resamples tasks only: the spread between training runs
+    # is not in the interval, so a verdict says so
+    note = " (1 seed: task noise only, the spread over seeds is unmeasured)" if seeds < 2 else ""
     if lo > 0:
-        return f"{other} better than {base}"
+        return f"{other} better than {base}{note}"
     if hi < 0:
-        return f"{other} worse than {base}"
+        return f"{other} worse than {base}{note}"
     return f"no detectable difference at this n ({seeds} seeds x {tasks} tasks)"
 
 
