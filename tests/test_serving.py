@@ -226,7 +226,7 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
     assert all(p.poll() is not None for p, _ in procs)
 
 
-@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("k", [0, pytest.param(1, marks=pytest.mark.slow)])  # k=1: ~60 s more
 def test_a_training_run_with_the_server_backend(tmp_path, k):
     """Three steps of the trainer sampling through `mtrl serve`, synchronously (k = 0) and from
     a rollout worker process one step ahead (k = 1): the base model before any update, then each
