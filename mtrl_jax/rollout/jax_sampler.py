@@ -44,6 +44,16 @@ from mtrl_jax.models.transformer import CausalLM, init_cache
 from mtrl_jax.rollout.sampler import SampleResult
 
 
+def set_lora(model: CausalLM, lora_state: Any) -> None:
+    """Load LoRA parameters (an ``nnx.State`` or its pure dict) into ``model`` in place."""
+    state = nnx.state(model, nnx.LoRAParam)
+    if isinstance(lora_state, dict):
+        nnx.replace_by_pure_dict(state, lora_state)
+    else:
+        state = lora_state
+    nnx.update(model, state)
+
+
 @dataclasses.dataclass
 class _Request:
     slot: int
@@ -189,12 +199,7 @@ class JaxSampler:
 
     def update_weights(self, lora_state: Any, version: int) -> None:
         """Load new LoRA parameters (an ``nnx.State`` or pure dict) and bump the version."""
-        state = nnx.state(self.model, nnx.LoRAParam)
-        if isinstance(lora_state, dict):
-            nnx.replace_by_pure_dict(state, lora_state)
-        else:
-            state = lora_state
-        nnx.update(self.model, state)
+        set_lora(self.model, lora_state)
         self.policy_version = version
         self.active_adapter = None
 

@@ -113,18 +113,12 @@ class ServerSampler:
 
     def update_weights(self, lora_state: Any, version: int) -> None:
         """Export the LoRA weights of ``version`` and load them on every live server."""
-        from flax import nnx
-
         from mtrl_jax.models.checkpoint import export_peft_adapter
+        from mtrl_jax.rollout.jax_sampler import set_lora
 
         if self.model is None or self.adapter_dir is None:
             raise ServerError("update_weights needs the policy model and an adapter_dir")
-        state = nnx.state(self.model, nnx.LoRAParam)
-        if isinstance(lora_state, dict):
-            nnx.replace_by_pure_dict(state, lora_state)
-        else:
-            state = lora_state
-        nnx.update(self.model, state)
+        set_lora(self.model, lora_state)
         name = f"p{os.getpid()}-policy-v{version}"
         path = os.path.abspath(os.path.join(self.adapter_dir, name))
         export_peft_adapter(self.model, path)
