@@ -19,7 +19,19 @@ atexit.register(shutil.rmtree, _DATA, True)
 import jax  # noqa: E402
 
 if os.environ.get("MTRL_TEST_XLA_CACHE", "1") != "0":
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_DATA, "xla_cache"))
+    # one folder for the whole run: made by the first process that loads this file (pytest
+    # itself, or the xdist controller) and inherited through the environment by the xdist
+    # workers and by every process a test starts (trainers, rollout workers, servers), so a
+    # program compiled in one of them loads in the others; removed by its maker at exit
+    if "MTRL_TEST_XLA_CACHE_DIR" not in os.environ:
+        os.environ["MTRL_TEST_XLA_CACHE_DIR"] = _XLA = tempfile.mkdtemp(prefix="mtrl-test-xla-")
+        atexit.register(shutil.rmtree, _XLA, True)
+    _XLA = os.environ["MTRL_TEST_XLA_CACHE_DIR"]
+    for _key, _value in (("JAX_COMPILATION_CACHE_DIR", _XLA),
+                         ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+                         ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")):
+        os.environ.setdefault(_key, _value)
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

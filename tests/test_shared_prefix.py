@@ -134,7 +134,8 @@ def _grads(c, graphdef, lora, base, batch, full=False):
         return loss_fn(nnx.merge(graphdef, *params), arrays)
 
     # full=True: with respect to every weight, the frozen base too (full fine-tuning)
-    (loss, aux), grads = jax.value_and_grad(f, has_aux=True)((lora, base))
+    # one jitted program (eagerly, each of the ~600 primitives would compile on its own)
+    (loss, aux), grads = jax.jit(jax.value_and_grad(f, has_aux=True))((lora, base))
     return float(loss), {k: float(v) for k, v in aux.items()}, grads if full else grads[0]
 
 
