@@ -250,6 +250,10 @@ class OptimizerSection:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    # after the warm-up: ``constant``, or a ``cosine`` / ``linear`` decay that reaches
+    # learning_rate x min_lr_ratio at the run's last step (``steps``)
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
     b1: float = 0.9
     b2: float = 0.99
     mini_batches: int = 1
@@ -482,6 +486,8 @@ _RULES: dict[str, Any] = {
     "optimizer.weight_decay": _at_least(0),
     "optimizer.max_grad_norm": _at_least(0, " (0 = no clipping)"),
     "optimizer.warmup_steps": _at_least(0),
+    "optimizer.decay": None,
+    "optimizer.min_lr_ratio": _between(0, 1),
     "optimizer.b1": _between(0, 1, open_hi=True),
     "optimizer.b2": _between(0, 1, open_hi=True),
     "optimizer.mini_batches": _at_least(1),

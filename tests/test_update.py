@@ -72,3 +72,31 @@ def test_a_minibatch_without_real_rows_is_not_stepped():
     counts = {int(x) for x in jax.tree.leaves(opt_state) if np.asarray(x).dtype == np.int32}
     assert counts == {2}
     assert np.isfinite(m["train/loss"]) and m["train/ratio_max"] >= 1.0
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine", "linear"])
+def test_learning_rate_schedule_warms_up_then_decays_to_the_floor_at_the_last_step(decay):
+    import math
+
+    from mtrl_jax.training.update import lr_schedule
+
+    c = load_config(overrides=TINY + ["steps=21", "optimizer.learning_rate=1e-3",
+                                      "optimizer.warmup_steps=5", f"optimizer.decay={decay}",
+                                      "optimizer.min_lr_ratio=0.1"])
+    s = lr_schedule(c.optimizer, c.steps)
+    lrs = np.array([float(s(i)) for i in range(25)])
+    np.testing.assert_allclose(lrs[:6], [0, 2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rtol=1e-6, atol=1e-12)
+    # decays over steps 5..20 (the run's last), then holds its floor
+    t = (np.arange(5, 21) - 5) / 15
+    want = {"constant": np.full(16, 1e-3),
+            "cosine": 1e-4 + 0.9e-3 * 0.5 * (1 + np.cos(math.pi * t)),
+            "linear": 1e-3 - 0.9e-3 * t}[decay]
+    np.testing.assert_allclose(lrs[5:21], want, rtol=1e-5)
+    np.testing.assert_allclose(lrs[21:], want[-1], rtol=1e-5)
+    # make_optimizer's schedule is this one, over the run's steps (min_lr_ratio 0: ends at 0)
+    c2 = load_config(overrides=TINY + ["steps=3", "optimizer.learning_rate=1e-3",
+                                       f"optimizer.decay={decay}", "optimizer.mini_batches=2"])
+    _, sched = make_optimizer(c2)
+    assert float(sched(0)) == pytest.approx(1e-3)
+    assert float(sched(2)) == pytest.approx(1e-3 if decay == "constant" else 0.0, abs=1e-12)
+

@@ -68,16 +68,30 @@ def make_loss_fn(config):
     return loss_fn
 
 
+def lr_schedule(optimizer, steps: int) -> optax.Schedule:
+    """The learning rate of each training step: a linear warm-up from 0 over
+    ``warmup_steps``, then constant, or a cosine / linear decay from ``learning_rate`` to
+    ``learning_rate * min_lr_ratio`` reached at training step ``steps - 1`` (held after it)."""
+    o = optimizer
+    peak = o.learning_rate
+    span = max(steps - 1 - o.warmup_steps, 1)  # training steps after the warm-up's last
+    if o.decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, span, alpha=o.min_lr_ratio)
+    elif o.decay == "linear":
+        after = optax.linear_schedule(peak, peak * o.min_lr_ratio, span)
+    else:
+        after = optax.constant_schedule(peak)
+    if o.warmup_steps > 0:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, o.warmup_steps), after], [o.warmup_steps])
+    return after
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
     """``(tx, schedule)``: AdamW with global-norm clipping; ``schedule(step)`` is the learning
-    rate of training step ``step`` (linear warm-up, then constant)."""
+    rate of training step ``step`` (:func:`lr_schedule`)."""
     o = config.optimizer
-    if o.warmup_steps > 0:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
-             optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
-    else:
-        schedule = optax.constant_schedule(o.learning_rate)
+    schedule = lr_schedule(o, config.steps)
     per_step = o.mini_batches * o.epochs
 
     def lr(count):  # optax counts optimizer updates; the schedule is in training steps
