@@ -23,24 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 
 import jax
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "demo_cpu.yaml")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:
@@ -56,30 +46,17 @@ def main(argv=None) -> int:
     from mtrl_jax.config import load_config
     from mtrl_jax.envs.families import load_tasks
     from mtrl_jax.rollout.runner import RolloutRunner, build_policy
+    from mtrl_jax.serving.launch import LocalServer
 
     n = args.tasks * args.group
     base = [f"model.path={args.model}", f"rollout.batch_size={args.tasks}",
             f"rollout.group_size={args.group}", "tracker=none"] + list(args.overrides)
     cfg = load_config(RECIPE, base)
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mtrl_jax.cli", "serve", "--model", args.model, "--port",
-         str(port), "--lora-rank", str(cfg.lora.lora_rank), "--lora-alpha",
-         str(cfg.lora.lora_alpha), "--slots", str(n), "--max-len",
-         str(cfg.rollout.max_context_tokens)], start_new_session=True)
+    server = LocalServer(args.model, lora_rank=cfg.lora.lora_rank,
+                         lora_alpha=cfg.lora.lora_alpha, slots=n,
+                         max_len=cfg.rollout.max_context_tokens).start()
+    url = server.url
     try:
-        t0 = time.time()
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"mtrl serve exited with {server.returncode}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).read()
-                break
-            except OSError:
-                if time.time() - t0 > 180:
-                    raise
-                time.sleep(0.5)
         arms = {}
         for name, extra in (("in-process", []),
                             ("server", ["rollout.backend=server",
@@ -118,11 +95,7 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
     return 0
 
 

@@ -30,7 +30,8 @@ if os.environ.get("MTRL_TEST_XLA_CACHE", "1") != "0":
     for _key, _value in (("JAX_COMPILATION_CACHE_DIR", _XLA),
                          ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
                          ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")):
-        os.environ.setdefault(_key, _value)
+        # set, not defaulted: with every compile cached, a user's own cache dir would fill up
+        os.environ[_key] = _value
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -6,10 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import jax
@@ -27,6 +23,7 @@ from mtrl_jax.rollout.agent_loop import AgentLoop, AgentLoopConfig
 from mtrl_jax.rollout.jax_sampler import JaxSampler
 from mtrl_jax.serving import protocol as P
 from mtrl_jax.serving.client import ServerSampler
+from mtrl_jax.serving.launch import LocalServer
 
 TOK = build_byte_tokenizer()
 IM_END = TOK.convert_tokens_to_ids("<|im_end|>")
@@ -54,33 +51,9 @@ def test_protocol_checks_name_the_field():
         P.check_generate_response(resp)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(model_dir: str, tmp) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    log = open(os.path.join(tmp, f"serve-{port}.log"), "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mtrl_jax.cli", "serve", "--model", model_dir, "--port",
-         str(port), "--lora-rank", str(LORA.rank), "--slots", "8", "--max-len", "512"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_healthy(url: str, proc, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mtrl serve exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url + P.HEALTH, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(url)
+def _server(model_dir: str, tmp) -> LocalServer:
+    return LocalServer(model_dir, lora_rank=LORA.rank, slots=8, max_len=512, log=os.path.join(
+        tmp, f"serve-{len(os.listdir(tmp))}.log"), startup_timeout_s=120)
 
 
 @tool
@@ -143,13 +116,13 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
     base.lm_head[...] = head.at[:, IM_END].add(0.5 * np.sign(np.asarray(head[:, IM_END]) + 1e-3))
     model_dir = str(tmp_path / "model")
     save_model(base, model_dir)
-    procs = []
+    servers = []
     try:
         for _ in range(2):
-            procs.append(_start_server(model_dir, str(tmp_path)))
-        for proc, url in procs:
-            _wait_healthy(url, proc)
-        urls = [u for _, u in procs]
+            servers.append(_server(model_dir, str(tmp_path)).launch())
+        for server in servers:
+            server.wait_healthy()
+        urls = [server.url for server in servers]
         listing = json.loads(urllib.request.urlopen(urls[0] + P.MODELS).read())
         P.check(listing, P.MODEL_LIST, "models")
         assert [c["id"] for c in listing["data"]] == ["model"]
@@ -193,7 +166,7 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
         assert ids == ["model", f"p{os.getpid()}-policy-v2"]
 
         # one server killed after its first answers: every episode still completes once
-        victim, _ = procs[0]
+        victim = servers[0].proc
         answers = []
         orig = remote._post_generate
 
@@ -214,16 +187,9 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
         # nothing lost or duplicated: each request id answered once
         assert len(answers) == len(set(answers)) == sum(t.num_turns for t in v2_remote.values())
     finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                pytest.fail("mtrl serve did not stop on SIGTERM")
-    assert all(p.poll() is not None for p, _ in procs)
+        codes = [server.stop() for server in servers]
+    # the survivor stopped cleanly on SIGTERM (no SIGKILL needed); the victim was killed
+    assert codes == [-signal.SIGKILL, 0], codes
 
 
 @pytest.mark.parametrize("k", [0, pytest.param(1, marks=pytest.mark.slow)])  # k=1: ~60 s more
@@ -241,9 +207,9 @@ def test_a_training_run_with_the_server_backend(tmp_path, k):
     model_dir = str(tmp_path / "model")
     save_model(model, model_dir)
     tokenizer.save_pretrained(model_dir)
-    proc, url = _start_server(model_dir, str(tmp_path))
+    server = _server(model_dir, str(tmp_path))
+    url = server.start().url
     try:
-        _wait_healthy(url, proc)
         over = [o for o in tiny if not o.startswith(("model.tiny=", "lora.lora_rank="))]
         t = MultiTurnRLTrainer(None, overrides=over + [
             f"model.path={model_dir}", f"lora.lora_rank={LORA.rank}", "steps=3",
@@ -272,5 +238,14 @@ def test_a_training_run_with_the_server_backend(tmp_path, k):
         if k == 0:
             assert versions == [0, 1, 2]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0 or proc.returncode is not None
+        code = server.stop()
+    assert code == 0  # stopped cleanly on SIGTERM
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path):
+    log = str(tmp_path / "serve.log")
+    server = LocalServer(str(tmp_path / "no-such-model"), log=log, startup_timeout_s=60)
+    with pytest.raises(RuntimeError, match=r"exited with .* \(its log: .*serve\.log\)"):
+        server.start()
+    assert server.proc.poll() not in (None, 0)
+    assert os.path.getsize(log) > 0  # the server said why
