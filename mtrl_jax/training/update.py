@@ -28,6 +28,7 @@ from flax import nnx
 from mtrl_jax.kernels import PolicyLossInputs, policy_loss
 from mtrl_jax.models.logprobs import token_logprobs
 from mtrl_jax.training.batch import minibatch_rows
+from mtrl_jax.training.distributed import LocalPlacement
 from mtrl_jax.training.lora_step import make_lora_train_step
 from mtrl_jax.training.packing import PackedBatch
 
@@ -103,6 +104,16 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
     return tx, schedule
 
 
+def _pad_rows(arrays: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Append all-zero rows (no segment: they add nothing to any loss) up to a multiple."""
+    rows = arrays["tokens"].shape[0]
+    extra = -rows % multiple
+    if not extra:
+        return arrays
+    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
+            for k, v in arrays.items()}
+
+
 class Updater:
     """The jitted functions of a run and the update of one step (see the module docstring).
 
@@ -110,10 +121,16 @@ class Updater:
       graphdef: the model's graph (``split_lora``).
       tx: the optimizer.
       config: the run's :class:`~mtrl_jax.config.TrainConfig`.
+      placement: how host rows become device arrays and back
+        (:class:`~mtrl_jax.training.distributed.LocalPlacement` by default;
+        :class:`~mtrl_jax.training.distributed.MeshPlacement` splits rows over a mesh, also
+        across processes). The batch is padded with empty rows so that every mini-batch splits
+        evenly over its row shards.
     """
 
-    def __init__(self, graphdef, tx: optax.GradientTransformation, config):
+    def __init__(self, graphdef, tx: optax.GradientTransformation, config, placement=None):
         self.config = config
+        self.place = placement if placement is not None else LocalPlacement()
         self.train_step = make_lora_train_step(graphdef, tx, make_loss_fn(config), donate=False)
 
         @jax.jit
@@ -133,18 +150,20 @@ class Updater:
                  ) -> tuple[Any, Any, dict[str, float]]:
         """``(lora, opt_state, metrics)`` after the step's optimizer updates on ``batch``."""
         o = self.config.optimizer
-        arrays = {k: getattr(batch, k) for k in ARRAYS}
-        groups = minibatch_rows(batch.segment_ids, o.mini_batches)
+        put, get = self.place.put, self.place.get
+        arrays = _pad_rows({k: getattr(batch, k) for k in ARRAYS},
+                           o.mini_batches * self.place.row_multiple)
+        shape = arrays["tokens"].shape
+        groups = minibatch_rows(arrays["segment_ids"], o.mini_batches)
         need_old = o.mini_batches * o.epochs > 1
-        olds, refs = np.zeros(batch.shape, np.float32), np.zeros(batch.shape, np.float32)
+        olds, refs = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         for rows in groups:  # one mini-batch shape at a time (the shape every step compiles)
-            args = (lora, base, jnp.asarray(batch.tokens[rows]),
-                    jnp.asarray(batch.positions[rows]), jnp.asarray(batch.segment_ids[rows]),
-                    jnp.asarray(batch.parent_ids[rows]))
+            args = (lora, base, *(put(arrays[k][rows])
+                                  for k in ("tokens", "positions", "segment_ids", "parent_ids")))
             if need_old:
-                olds[rows] = np.asarray(self.logprobs(*args))
+                olds[rows] = get(self.logprobs(*args))
             if self.config.algorithm.kl_coef > 0:
-                refs[rows] = np.asarray(self.ref_logprobs(*args))
+                refs[rows] = get(self.ref_logprobs(*args))
         if need_old:
             arrays["old_logprobs"] = olds
         if self.config.algorithm.kl_coef > 0:
@@ -153,10 +172,10 @@ class Updater:
         skipped = empty = 0
         for _ in range(o.epochs):
             for rows in groups:
-                if not (batch.segment_ids[rows] > 0).any():
+                if not (arrays["segment_ids"][rows] > 0).any():
                     empty += 1
                     continue
-                mb = {k: jnp.asarray(v[rows]) for k, v in arrays.items()}
+                mb = {k: put(v[rows]) for k, v in arrays.items()}
                 lora, opt_state, loss, aux, gnorm = self.train_step(lora, opt_state, base, mb)
                 aux = {k: float(v) for k, v in aux.items()}
                 skipped += int(aux.pop("skipped", 0.0))
