@@ -142,7 +142,9 @@ def test_each_request_samples_with_its_own_parameters(monkeypatch):
 
     seen = []
 
-    def fake_generate(model, cache, inputs, num_inputs, key, params, *, max_new, max_new_tokens):
+    def fake_generate(model, cache, inputs, num_inputs, key, params, *, max_new, max_new_tokens,
+                      row_seeds=None):
+        assert row_seeds is None  # no request carries a seed
         rows = np.asarray(num_inputs) > 0
         seen.append((params.temperature, int(rows.sum())))
         n = inputs.shape[0]
@@ -213,3 +215,48 @@ def test_shared_prompt_prefill_gives_the_same_episodes(temperature):
                                    atol=5e-4)
     assert all(np.sum(t.samples[0].loss_mask) > 0 for t in shared)
     assert len({tuple(t.samples[0].tokens) for t in shared}) > 2 or temperature == 0.0
+
+
+def test_a_seeded_request_samples_the_same_tokens_whatever_it_is_batched_with():
+    """Per-request seeds (vLLM's ``seed``): a seeded request's tokens depend on its seed, its
+    tokens and the weights only -- not on the sampler's key, its slot, or the other requests of
+    the decode call; unseeded requests draw exactly as before."""
+    from mtrl_jax.models.decoding import generate
+    from mtrl_jax.models.transformer import init_cache
+
+    model = CausalLM(CFG, None, rngs=nnx.Rngs(1))
+    params = SamplingParams(temperature=1.0, max_tokens=12)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, 9).astype(np.int32) for _ in range(4)]
+
+    def call(rows, key, seeds=None):
+        inputs = np.stack(rows)
+        out = generate(model, init_cache(CFG, len(rows), 64), jnp.asarray(inputs),
+                       jnp.full((len(rows),), inputs.shape[1], jnp.int32), key, params,
+                       row_seeds=seeds)
+        return [np.asarray(out.tokens[i]).tolist() for i in range(len(rows))]
+
+    k0, k1 = jax.random.key(0), jax.random.key(1)
+    a = call(prompts, k0, [7, None, 9, None])
+    # another call key, other companions, another slot: the seeded requests do not move
+    b = call([prompts[2], prompts[3][::-1], prompts[0]], k1, [9, None, 7])
+    assert b[0] == a[2] and b[2] == a[0]
+    c = call([prompts[1], prompts[0]], k1, [None, 7])
+    assert c[1] == a[0]
+    # another seed samples otherwise; unseeded rows are exactly the call without seeds
+    d = call(prompts, k0, [8, None, 9, None])
+    assert d[0] != a[0] and d[2] == a[2]
+    plain = call(prompts, k0)
+    assert plain[1] == a[1] and plain[3] == a[3]
+    assert plain[0] != a[0]  # (the seeded row left the call's stream)
+
+    # through the sampler: sample(..., seed=) is the same stream
+    sampler = JaxSampler(model, params, slots=3, max_len=64, seed=5)
+
+    async def go():
+        return await asyncio.gather(
+            sampler.sample("x", prompts[1].tolist(), 12),
+            sampler.sample("y", prompts[0].tolist(), 12, seed=7))
+
+    _, y = asyncio.run(go())
+    assert y.tokens == a[0][:len(y.tokens)] and len(y.tokens) == 12

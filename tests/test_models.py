@@ -534,7 +534,7 @@ def test_inverse_cdf_draws_follow_the_distribution(vocab):
     logits[-1] = -np.inf  # the top end too
     n = 40_000
     toks = np.asarray(_inverse_cdf_sample(jnp.broadcast_to(jnp.asarray(logits), (n, vocab)),
-                                          jax.random.key(0)))
+                                          jax.random.uniform(jax.random.key(0), (n, 1))))
     p = np.exp(logits - logits[np.isfinite(logits)].max())
     p /= p.sum()
     assert (p[toks] > 0).all()  # never an impossible token

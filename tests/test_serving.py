@@ -249,3 +249,44 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path):
         server.start()
     assert server.proc.poll() not in (None, 0)
     assert os.path.getsize(log) > 0  # the server said why
+
+
+def test_seeded_requests_through_the_server_equal_the_in_process_sampler_with_those_seeds():
+    """vLLM's per-request ``seed``: a request's tokens follow from its seed whatever else the
+    server batches with it, and equal the in-process sampler's for the same seed; the client
+    derives each turn's seed from the round's key, the episode and the turn."""
+    from mtrl_jax.serving.server import ModelServer
+
+    model = CausalLM(CFG, None, rngs=nnx.Rngs(3))
+    server = ModelServer(model, model_name="m", slots=4, max_len=128)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 200, 7).tolist() for _ in range(3)]
+
+    def body(tokens, seed):
+        return {"request_id": f"r{seed}", "model": "m", "token_ids": tokens,
+                "sampling_params": {"n": 1, "max_tokens": 10, "temperature": 1.0,
+                                    "top_p": 0.9, "top_k": -1, "logprobs": 0, "seed": seed}}
+
+    async def together(*bodies):
+        return [o["choices"][0]["token_ids"]
+                for o in await asyncio.gather(*(server.generate(b) for b in bodies))]
+
+    alone = asyncio.run(together(body(prompts[0], 11)))[0]
+    batched = asyncio.run(together(body(prompts[1], 5), body(prompts[0], 11),
+                                   body(prompts[2], None)))
+    assert batched[1] == alone and len(alone) == 10
+    local = JaxSampler(CausalLM(CFG, None, rngs=nnx.Rngs(3)), SamplingParams(), slots=2,
+                       max_len=128, seed=99)
+    res = asyncio.run(local.sample("e", prompts[0], 10, SamplingParams(
+        temperature=1.0, top_p=0.9, max_tokens=10), seed=11))
+    assert res.tokens == alone
+
+    # the client's seeds: stable for a round's key, new for another key, episode or turn
+    client = ServerSampler.__new__(ServerSampler)
+    client.seed, client._round_seed = 0, 0
+    client.begin_round(["a"], jax.random.key(4))
+    s = client.request_seed("s3/t1#0", 0)
+    assert s == client.request_seed("s3/t1#0", 0) and 0 <= s < 2 ** 31
+    assert len({s, client.request_seed("s3/t1#0", 1), client.request_seed("s3/t1#1", 0)}) == 3
+    client.begin_round(["a"], jax.random.key(5))
+    assert client.request_seed("s3/t1#0", 0) != s

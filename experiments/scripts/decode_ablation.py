@@ -25,7 +25,7 @@ def no_attend(q, k_new, v_new, write_pos, n_valid, k_cache, v_cache):
             + v_new.sum(), k_cache, v_cache)
 
 
-def greedy(logits, key, params):
+def greedy(logits, key, params, *_):
     return jnp.argmax(logits, -1).astype(jnp.int32), jnp.max(logits, -1)
 
 

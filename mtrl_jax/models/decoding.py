@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtrl_jax.models.transformer import CausalLM, KVCache, init_cache, prepare_decode_weights
@@ -66,8 +68,14 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return b
 
 
-def sample_from_logits(logits: jax.Array, key: jax.Array, params: SamplingParams):
-    """Sample one token per row of ``logits [B, V] f32``; returns ``(tokens, logprobs)``."""
+def sample_from_logits(logits: jax.Array, key: jax.Array, params: SamplingParams,
+                       row_keys: jax.Array | None = None, seeded: jax.Array | None = None,
+                       index: jax.Array | int = 0):
+    """Sample one token per row of ``logits [B, V] f32``; returns ``(tokens, logprobs)``.
+
+    The draw of each row comes from ``key``, except rows with ``seeded[b]``, whose draw comes
+    from ``fold_in(row_keys[b], index)`` alone (``index``: the token's position in its request):
+    their samples do not depend on which other rows share the call (per-request seeds)."""
     if params.temperature == 0.0:
         tok = jnp.argmax(logits, axis=-1)
         lp = jax.nn.log_softmax(logits, axis=-1)
@@ -86,7 +94,12 @@ def sample_from_logits(logits: jax.Array, key: jax.Array, params: SamplingParams
         keep = (cum - probs) < params.top_p
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         masked = jnp.where(masked < threshold, -jnp.inf, masked)
-    tok = _inverse_cdf_sample(masked, key)
+    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32)
+    if row_keys is not None:
+        own = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, index), (),
+                                                    jnp.float32))(row_keys)
+        u = jnp.where(seeded[:, None], own[:, None], u)
+    tok = _inverse_cdf_sample(masked, u)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
@@ -94,8 +107,9 @@ def sample_from_logits(logits: jax.Array, key: jax.Array, params: SamplingParams
 SAMPLE_BLOCK = 128
 
 
-def _inverse_cdf_sample(logits: jax.Array, key: jax.Array) -> jax.Array:
-    """One draw per row from ``softmax(logits)`` by inverting the CDF with a single uniform.
+def _inverse_cdf_sample(logits: jax.Array, u01: jax.Array) -> jax.Array:
+    """One draw per row from ``softmax(logits)`` by inverting the CDF with a single uniform
+    (``u01 [B, 1]`` in [0, 1)).
 
     Needs one random number per row instead of one per vocabulary entry (Gumbel-max), which on
     CPU is most of a decode step's sampling time. The CDF is inverted in two levels -- first
@@ -111,7 +125,7 @@ def _inverse_cdf_sample(logits: jax.Array, key: jax.Array) -> jax.Array:
     probs = jnp.pad(probs, ((0, 0), (0, nb * c - vocab))).reshape(b, nb, c)
     mass = jnp.sum(probs, axis=-1)  # [B, nb]
     cdf = jnp.cumsum(mass, axis=-1)
-    u = jax.random.uniform(key, (b, 1), jnp.float32) * cdf[:, -1:]
+    u = u01 * cdf[:, -1:]
     # the block: never past the last one with mass (rounding at the top end)
     last_block = nb - 1 - jnp.argmax(jnp.flip(mass > 0, axis=-1), axis=-1)
     blk = jnp.minimum(jnp.sum(cdf <= u, axis=-1), last_block)
@@ -192,7 +206,8 @@ def extend_chunked(model: CausalLM, cache: KVCache, inputs: jax.Array, num_input
 def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
               key: jax.Array, max_new: jax.Array, params: SamplingParams, max_new_tokens: int,
               use_lora: bool, min_window: int | None = None,
-              prefill_chunk: int | None = PREFILL_CHUNK) -> GenerateOutput:
+              prefill_chunk: int | None = PREFILL_CHUNK, row_keys: jax.Array | None = None,
+              seeded: jax.Array | None = None) -> GenerateOutput:
     b = inputs.shape[0]
     windows = decode_windows(cache.max_len, min_window)
 
@@ -212,7 +227,7 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
                    for w in windows], cache)
     logits = model.logits(hidden)
     key, sub = jax.random.split(key)
-    tok, lp = sample_from_logits(logits, sub, params)
+    tok, lp = sample_from_logits(logits, sub, params, row_keys, seeded, 0)
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     active = max_new > 0
 
@@ -230,7 +245,7 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
         logits, cache = model.decode_logits(cache, last, feed, use_lora=use_lora,
                                             window=window)
         key, sub = jax.random.split(key)
-        tok, lp = sample_from_logits(logits, sub, params)
+        tok, lp = sample_from_logits(logits, sub, params, row_keys, seeded, step)
         live = ~done
         out_tok = out_tok.at[:, step].set(jnp.where(live, tok, 0))
         out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
@@ -266,7 +281,8 @@ def _generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: ja
                    donate_argnames=("cache",))
 def _generate_jit(graphdef, state, cache, inputs, num_inputs, key, max_new, params,
                   max_new_tokens, use_lora, fold, min_window=MIN_DECODE_WINDOW,
-                  attention_kernel=True, prefill_chunk=PREFILL_CHUNK):
+                  attention_kernel=True, prefill_chunk=PREFILL_CHUNK, row_keys=None,
+                  seeded=None):
     model = nnx.merge(graphdef, state)
     transpose = jax.default_backend() == "cpu"
     if (use_lora and fold) or (transpose and not use_lora):
@@ -274,7 +290,7 @@ def _generate_jit(graphdef, state, cache, inputs, num_inputs, key, max_new, para
                                attention_kernel=attention_kernel)
         use_lora = False
     return _generate(model, cache, inputs, num_inputs, key, max_new, params, max_new_tokens,
-                     use_lora, min_window, prefill_chunk)
+                     use_lora, min_window, prefill_chunk, row_keys, seeded)
 
 
 def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax.Array,
@@ -283,7 +299,8 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
              fold_lora_weights: bool = True,
              min_window: int | None = MIN_DECODE_WINDOW,
              attention_kernel: bool = True,
-             prefill_chunk: int | None = PREFILL_CHUNK) -> GenerateOutput:
+             prefill_chunk: int | None = PREFILL_CHUNK,
+             row_seeds: Sequence[int | None] | None = None) -> GenerateOutput:
     """Feed ``inputs [B, T]`` (first ``num_inputs [B]`` real, each ``>= 1``) after the cache's
     contents, then sample.
 
@@ -307,6 +324,10 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
         ``False``, or no C++ compiler: XLA's formulation. Equal up to f32 summation order.
       prefill_chunk: input tokens encoded per chunk when more are fed
         (:func:`extend_chunked`; ``None``: all at once).
+      row_seeds: optional per-row seeds (``None`` entries: the row draws from ``key``): a
+        seeded row's ``j``-th sampled token uses ``fold_in(key(seed), j)``, so its samples
+        depend on its seed, inputs and weights only, not on the call's key or other rows
+        (vLLM's per-request ``seed``). Rows without a seed draw exactly as without it.
 
     Rows generate until a stop token, their budget, or a full cache. The returned cache holds
     everything but each row's last sampled token, which the next call's ``inputs`` must begin
@@ -318,12 +339,20 @@ def generate(model: CausalLM, cache: KVCache, inputs: jax.Array, num_inputs: jax
         raise ValueError(f"cache holds {cache.batch_size} rows but 'inputs' has {b}")
     if max_new is None:
         max_new = jnp.full((b,), max_new_tokens, jnp.int32)
+    row_keys = seeded = None
+    if row_seeds is not None and any(x is not None for x in row_seeds):
+        if len(row_seeds) != b:
+            raise ValueError(f"row_seeds has {len(row_seeds)} entries for {b} rows")
+        seeds = np.asarray([0 if x is None else int(x) & 0xFFFFFFFF for x in row_seeds],
+                           np.uint32)
+        row_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+        seeded = jnp.asarray([x is not None for x in row_seeds])
     graphdef, state = nnx.split(model)
     return _generate_jit(graphdef, state, cache, jnp.asarray(inputs, jnp.int32),
                          jnp.asarray(num_inputs, jnp.int32), key,
                          jnp.minimum(jnp.asarray(max_new, jnp.int32), max_new_tokens),
                          params, max_new_tokens, use_lora, fold_lora_weights, min_window,
-                         attention_kernel, prefill_chunk)
+                         attention_kernel, prefill_chunk, row_keys, seeded)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "fold", "attention_kernel"),

@@ -62,6 +62,7 @@ class _Request:
     params: SamplingParams
     future: asyncio.Future
     adapter: str | None = None
+    seed: int | None = None
 
 
 class JaxSampler:
@@ -148,11 +149,13 @@ class JaxSampler:
 
     async def sample(self, episode_id: str, tokens: Sequence[int], max_tokens: int,
                      params: SamplingParams | None = None, *,
-                     adapter: str | None = None) -> SampleResult:
+                     adapter: str | None = None, seed: int | None = None) -> SampleResult:
         """Continue the episode by at most ``max_tokens`` tokens sampled with ``params``
         (default: the sampler's). Requests with different parameters are served by different
         decode calls. ``adapter``: a name given to :meth:`add_adapter` (None: the weights the
-        model holds)."""
+        model holds). ``seed``: this request's own random stream (its samples then depend on
+        the seed, the tokens and the weights, not on the other requests of its decode call;
+        see :func:`~mtrl_jax.models.decoding.generate`'s ``row_seeds``)."""
         if adapter is not None and adapter not in self.adapters:
             raise KeyError(f"no adapter named {adapter!r} (loaded: {sorted(self.adapters)})")
         self._ensure_worker()
@@ -173,7 +176,7 @@ class JaxSampler:
             return SampleResult([], [], "length", self.policy_version)
         fut = asyncio.get_running_loop().create_future()
         self.pending.append(_Request(slot, new, min(max_tokens, room), params or self.params,
-                                     fut, adapter))
+                                     fut, adapter, seed))
         self._wake.set()
         return await fut
 
@@ -300,8 +303,14 @@ class JaxSampler:
         steps = bucket_length(int(max_new.max()), 8)
         key = jax.random.fold_in(self.key, self.calls)
         self.calls += 1
+        row_seeds = None
+        if any(r.seed is not None for r in batch):
+            row_seeds = [None] * self.slots
+            for r in batch:
+                row_seeds[r.slot] = r.seed
         out = generate(self.model, self.cache, jnp.asarray(inputs), jnp.asarray(num_inputs), key,
-                       batch[0].params, max_new=jnp.asarray(max_new), max_new_tokens=steps)
+                       batch[0].params, max_new=jnp.asarray(max_new), max_new_tokens=steps,
+                       row_seeds=row_seeds)
         self.cache = out.cache
         toks = np.asarray(out.tokens)
         lps = np.asarray(out.logprobs)

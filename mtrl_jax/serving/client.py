@@ -27,6 +27,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ class ServerSampler:
         self.retries = retries
         self.probe_interval_s = probe_interval_s
         self.seed = seed
+        self._round_seed = seed & 0xFFFFFFFF
         self.policy_version = 0
         self.outstanding = collections.Counter({u: 0 for u in self.urls})
         self.down: dict[str, float] = {}  # url -> when it was taken out
@@ -89,7 +91,8 @@ class ServerSampler:
                               "temperature": float(p.temperature), "top_p": float(p.top_p),
                               "top_k": int(p.top_k) if p.top_k else -1, "logprobs": 0,
                               "stop_token_ids": list(p.stop_token_ids or ()),
-                              "skip_special_tokens": False}
+                              "skip_special_tokens": False,
+                              "seed": self.request_seed(episode_id, turn)}
         body = {"request_id": f"{episode_id}/t{turn}", "model": adapter,
                 "token_ids": [int(t) for t in tokens], "sampling_params": sp}
         self.in_use[adapter] += 1
@@ -105,8 +108,22 @@ class ServerSampler:
     def release(self, episode_id: str) -> None:
         self.turns.pop(episode_id, None)
 
+    def request_seed(self, episode_id: str, turn: int) -> int:
+        """The ``seed`` of an episode's turn: a function of the round's key (the run's seed and
+        step, see :meth:`begin_round`), the episode id and the turn, so the same run samples
+        the same tokens whichever server answers, with whichever others batched, also when a
+        turn is retried on another server."""
+        return zlib.crc32(f"{episode_id}/t{turn}".encode(), self._round_seed) & 0x7FFFFFFF
+
     def begin_round(self, episode_ids, key=None) -> None:
-        """Lockstep rounds are an in-process notion; a server batches as requests arrive."""
+        """Lockstep rounds are an in-process notion (a server batches as requests arrive);
+        the round's key seeds its requests (:meth:`request_seed`)."""
+        if key is not None:
+            import jax
+            import numpy as np
+
+            data = np.asarray(jax.random.key_data(key)).tobytes()
+            self._round_seed = zlib.crc32(data, self.seed & 0xFFFFFFFF)
 
     def end_round(self) -> None:
         pass

@@ -18,8 +18,9 @@ under ``--served-model-name`` (default: the model folder's name) with the LoRA w
 started with (fresh adapters: ``B = 0``, the base model's outputs).
 
 Sampling: vLLM's ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``stop_token_ids``.
-``seed`` is accepted but sampling is reproducible only for the same sequence of batched calls
-(the sampler's key advances per call), not per request as in vLLM. ``n`` must be 1.
+A request's ``seed`` gives it its own random stream, as in vLLM: its tokens depend on the seed,
+its token ids and the adapter, not on the requests it is batched with (up to float rounding of
+batched matmuls); without a seed it draws from the server's stream. ``n`` must be 1.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ class ModelServer:
         try:
             key = await self._slot_for(name, tokens)
             try:
-                res = await self.sampler.sample(key, tokens, max_tokens, params, adapter=adapter)
+                res = await self.sampler.sample(key, tokens, max_tokens, params, adapter=adapter,
+                                                seed=sp.get("seed"))
             except BaseException:
                 self._evict(key)  # the slot's cache state is unknown
                 raise
