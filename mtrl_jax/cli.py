@@ -37,10 +37,21 @@ def _train(args: argparse.Namespace) -> int:
     from mtrl_jax.config import load_config
 
     try:  # the recipe before the trainer's imports (seconds); a ConfigError goes up to main
-        load_config(args.recipe, args.overrides)
+        config = load_config(args.recipe, args.overrides)
     except FileNotFoundError as e:
         print(f"mtrl train: {e}", file=sys.stderr)
         return 2
+    from mtrl_jax.training import distributed
+
+    if args.num_processes > 1:  # this process launches the job's processes and waits
+        return distributed.launch_local(_without_launch_flags(args.argv), args.num_processes,
+                                        args.devices_per_process)
+    if distributed.requested():
+        info = distributed.initialize()
+        if not info.is_main:  # the train step's other processes: follow process 0
+            updates = distributed.follow(config)
+            print(f"[mtrl] process {info.process_id}: {updates} updates; done", flush=True)
+            return 0
     from mtrl_jax.training.trainer import (
         CheckpointError,
         MultiTurnRLTrainer,
@@ -74,6 +85,22 @@ def _train(args: argparse.Namespace) -> int:
     print(f"[mtrl] done: {trainer.step} steps; adapter in {trainer.config.output_dir}/adapter; "
           f"MLflow: {trainer.get_mlflow_url()}")
     return 0
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """``mtrl train``'s arguments for the processes a launcher starts (its own flags out)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--num-processes", "--devices-per-process"):
+            skip = True
+            continue
+        if a.startswith(("--num-processes=", "--devices-per-process=")):
+            continue
+        out.append(a)
+    return out
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -299,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     old.add_argument("--overwrite", action="store_true",
                      help="with --no-resume: delete the previous run's checkpoints, ledger, "
                      "adapter and config")
+    tr.add_argument("--num-processes", type=int, default=1, metavar="N",
+                    help="run the train step as N local processes under jax.distributed "
+                    "(process 0 also samples, evaluates, logs and checkpoints; see "
+                    "docs/scaling.md for multi-host launch lines)")
+    tr.add_argument("--devices-per-process", type=int, default=None, metavar="D",
+                    help="with --num-processes on CPU: D host devices per process")
     tr.set_defaults(fn=_train)
 
     de = add("demo", help="the CPU demo: warm-up (cached), base evaluation, RL, "
@@ -411,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0

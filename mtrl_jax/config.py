@@ -277,6 +277,19 @@ class PackingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """The device mesh of the train step, ``(data, fsdp, tensor)`` (one axis may be -1: the
+    remaining devices), over every process's devices. ``shard``: ``auto`` shards when the job
+    runs as several processes (``mtrl train --num-processes N``, or ``MTRL_NUM_PROCESSES``);
+    ``always`` also on one process with several devices (e.g. one host's GPUs)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    shard: Literal["auto", "always"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = ModelSection()
     lora: LoRASection = LoRASection()
@@ -287,6 +300,7 @@ class TrainConfig:
     async_config: AsyncSection = AsyncSection()
     optimizer: OptimizerSection = OptimizerSection()
     packing: PackingSection = PackingSection()
+    mesh: MeshSection = MeshSection()
     steps: int = 100
     eval_interval: int = 25
     checkpoint_interval: int = 50
@@ -366,6 +380,10 @@ def _between(lo: int, hi: int, *, open_lo: bool = False, open_hi: bool = False):
         return None if ok else (f"must be in {'(' if open_lo else '['}{lo}, {hi}"
                                 f"{')' if open_hi else ']'}, got {v!r}")
     return check
+
+
+def _mesh_axis(v: int):
+    return None if v == -1 or v >= 1 else f"must be >= 1 or -1 (the remaining devices), got {v!r}"
 
 
 def _optional(check):
@@ -496,6 +514,10 @@ _RULES: dict[str, Any] = {
     "packing.row_multiple": _at_least(1),
     "packing.shared_prefix_min_tokens": _at_least(0, " (0 = flat packing)"),
     "packing.round_rows": None,
+    "mesh.data": _mesh_axis,
+    "mesh.fsdp": _mesh_axis,
+    "mesh.tensor": _mesh_axis,
+    "mesh.shard": None,
     "rollout.shared_prefix_min_tokens": _at_least(0, " (0 = no shared prefill)"),
     "rollout.tool_specs": None,
     "steps": _at_least(0),
@@ -575,6 +597,10 @@ def _check(c: TrainConfig) -> None:
         return not any(k in bad for k in keys)
 
     r, a, ac = c.rollout, c.algorithm, c.async_config
+    if ok("mesh.data", "mesh.fsdp", "mesh.tensor"):
+        m = c.mesh
+        need([m.data, m.fsdp, m.tensor].count(-1) <= 1, "mesh",
+             f"at most one axis may be -1, got data={m.data} fsdp={m.fsdp} tensor={m.tensor}")
     if ok("algorithm.aggregation", "algorithm.norm_length", "rollout.max_turns",
           "rollout.sampling_max_tokens"):
         need(a.aggregation != "seq_mean_token_sum_norm" or a.norm_length is not None,

@@ -93,3 +93,20 @@ class DenseFields(EvenBytes):
 
 def make_fields_env(task: Task) -> Environment:
     return DenseFields()
+
+
+def _even_tasks(name: str, split: str, n: int | None, seed: int) -> list[Task]:
+    return [Task(id=f"even/{split}/{i}", family="evenbytes", name=name,
+                 prompt=f"Write {i % 7} words.", split=split) for i in range(n or 32)]
+
+
+def register_even_family():
+    """``evenbytes:any`` (the :class:`EvenBytes` reward), for command-line runs that need
+    varied rewards from a random policy (``--import tests/async_envs.py``)."""
+    from mtrl_jax.envs.families import TaskFamily, register_family
+
+    return register_family(TaskFamily(name="evenbytes", names=("any",), tasks=_even_tasks,
+                                      make_env=lambda task, reward: EvenBytes()))
+
+
+EVEN_FAMILY = register_even_family()

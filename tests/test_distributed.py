@@ -87,3 +87,116 @@ def test_padding_rows_are_empty_and_reach_the_multiple():
     assert out["tokens"].shape == (8, 4) and out["advantages"].dtype == np.float32
     assert (out["segment_ids"][5:] == 0).all() and (out["tokens"][:5] == 1).all()
     assert _pad_rows(arrays, 5) is arrays
+
+
+RECIPE = """\
+model:
+  tiny: {hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 2,
+         head_dim: 16, tie_word_embeddings: true}
+lora: {lora_rank: 4}
+data: {task: "evenbytes:any", n_train: 16, n_val: 2, n_test: 2}
+rollout: {batch_size: 2, group_size: 4, max_turns: 1, sampling_max_tokens: 16,
+          max_context_tokens: 256}
+val_sampling_params: {sampling_max_tokens: 8, num_samples: 0}
+optimizer: {learning_rate: 0.05, mini_batches: 2}
+algorithm: {kl_coef: 0.05}
+packing: {row_lengths: [256], row_multiple: 1}
+mesh: {tensor: 2}
+eval_interval: 0
+checkpoint_interval: 2
+tracker: jsonl
+"""
+
+
+def _train(tmp_path, out: str, *args: str, devices: int = 4, **popen) -> subprocess.Popen:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtrl_jax.cli", "train", "--import",
+         str(ROOT / "tests" / "async_envs.py"), "--recipe", str(recipe),
+         f"output_dir={tmp_path / out}", *args], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return log
+
+
+def _train_metrics(run) -> dict:
+    import json
+
+    out = {}
+    with open(run / "tracking" / "metrics.jsonl") as f:
+        for line in f:
+            d = json.loads(line)
+            if d["name"] in ("train/loss", "train/grad_norm", "train/kl", "rollout/reward/mean"):
+                out[d["step"], d["name"]] = d["value"]
+    return out
+
+
+def _adapter(run) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_mtrl_train_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
+    """``mtrl train --num-processes 2`` (2 processes x 2 CPU devices: a mesh of data=2 x
+    tensor=2 over the 4) trains what one process with the same 4-device mesh trains; killed
+    with SIGTERM, it resumes on one process and ends where the uninterrupted run ends."""
+    import signal
+    import time
+
+    one = _train(tmp_path, "one", "steps=4", "mesh.shard=always")
+    log_one = _finish(one)
+    assert one.returncode == 0, log_one[-3000:]
+    two = _train(tmp_path, "two", "steps=4", "--num-processes", "2",
+                 "--devices-per-process", "2")
+    log_two = _finish(two)
+    assert two.returncode == 0, log_two[-3000:]
+    assert "process 1: 4 updates; done" in log_two
+    a, b = _train_metrics(tmp_path / "one"), _train_metrics(tmp_path / "two")
+    assert len(a) == 16 and a.keys() == b.keys()
+    assert max(abs(a[k]) for k in a if k[1] == "train/loss") > 1e-4  # the policy learns
+    for k in a:  # the same steps: summation order across processes aside
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    wa, wb = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert max(float(np.abs(wa[k]).max()) for k in wa if "lora_B" in k) > 0.01
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], atol=1e-5)
+
+    # SIGTERM to the launcher: process 0 saves a checkpoint and releases process 1
+    killed = _train(tmp_path, "killed", "steps=1000", "--num-processes", "2",
+                    "--devices-per-process", "2")
+    try:
+        deadline = time.time() + 300
+        line = ""
+        while "step    2/" not in line and time.time() < deadline:
+            line = killed.stdout.readline()
+            assert line or killed.poll() is None
+        assert "step    2/" in line
+        killed.send_signal(signal.SIGTERM)
+        log_killed = _finish(killed, 120)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert killed.returncode == 143, log_killed[-3000:]
+    saved = sorted(int(x) for x in os.listdir(tmp_path / "killed" / "checkpoints")
+                   if x.isdigit())
+    assert saved and 2 <= saved[-1] < 4
+    # resumed by one process (4 devices, the same mesh): it ends where the uninterrupted run
+    # ended
+    resumed = _train(tmp_path, "killed", "steps=4", "mesh.shard=always")
+    log_resumed = _finish(resumed)
+    assert resumed.returncode == 0, log_resumed[-3000:]
+    assert f"resumed from step {saved[-1]}" in log_resumed
+    wc = _adapter(tmp_path / "killed")
+    for k in wa:
+        np.testing.assert_allclose(wc[k], wa[k], atol=1e-4)

@@ -35,9 +35,15 @@ class Checkpoints:
             import orbax.checkpoint as ocp
 
             os.makedirs(self.directory, exist_ok=True)
+            extra = {}
+            if jax.process_count() > 1:
+                # a multi-process job: process 0 writes (it holds the gathered host state)
+                # without waiting for the others at orbax's barriers
+                extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                    primary_host=0, active_processes={jax.process_index()})
             self._mngr = ocp.CheckpointManager(
                 self.directory, options=ocp.CheckpointManagerOptions(
-                    max_to_keep=self.max_to_keep, create=True))
+                    max_to_keep=self.max_to_keep, create=not extra, **extra))
         return self._mngr
 
     def latest_step(self) -> int | None:

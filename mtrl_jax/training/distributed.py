@@ -144,3 +144,239 @@ def to_host(x: jax.Array) -> np.ndarray:
 def gather_tree(tree: Any) -> Any:
     """:func:`to_host` of every leaf (checkpoints, adapter exports, tests)."""
     return jax.tree.map(to_host, tree)
+
+
+# ---------------------------------------------------------------------- the sharded update
+
+CMD_STOP, CMD_LOAD, CMD_UPDATE = 0, 1, 2
+_BATCH = ("tokens", "positions", "segment_ids", "parent_ids", "loss_mask", "advantages",
+          "behaviour_logprobs")
+
+
+def wants_sharding(config) -> bool:
+    """Whether the train step runs on the mesh (``mesh.shard``; always with several
+    processes)."""
+    return jax.process_count() > 1 or config.mesh.shard == "always"
+
+
+def _broadcast(tree: Any) -> Any:
+    """Process 0's ``tree`` on every process (every process passes one of the same shapes)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+class ShardedUpdater:
+    """The update step of :class:`~mtrl_jax.training.update.Updater` on the mesh of
+    ``config.mesh`` (every process's devices), with the call signature of ``Updater``.
+
+    Every process builds the same model (seeded) and holds its shards of the base weights,
+    the LoRA weights and the optimizer state. Process 0 (the trainer: rollouts, evaluation,
+    tracking, checkpoints) calls it like an ``Updater`` with host-side state; the others run
+    :meth:`serve` and follow its commands: ``update`` (the packed batch, broadcast), ``load``
+    (the trainer's LoRA and optimizer state, e.g. after a resume: broadcast and placed on the
+    mesh), ``stop``. After each update the new LoRA weights and optimizer state are gathered
+    whole to every process (collectively) and returned to the trainer as host arrays: they
+    feed its sampler, its checkpoints and its exports unchanged, so a checkpoint resumes with
+    any process count.
+    """
+
+    def __init__(self, config, mesh: Mesh | None = None):
+        from mtrl_jax.models.lora import split_lora
+        from mtrl_jax.models.sharding import make_mesh, shard_model
+        from mtrl_jax.rollout.runner import build_policy
+        from mtrl_jax.training.update import Updater, make_optimizer
+
+        m = config.mesh
+        self.config = config
+        self.mesh = mesh if mesh is not None else make_mesh(m.data, m.fsdp, m.tensor)
+        _, model = build_policy(config)
+        shard_model(model, self.mesh)
+        self.graphdef, self.lora, self.base = split_lora(model)
+        self.tx, _ = make_optimizer(config)
+        replicated = NamedSharding(self.mesh, P())
+
+        def on_mesh(x):  # the optimizer's scalars (step counts) on every device of the mesh
+            if isinstance(getattr(x, "sharding", None), NamedSharding):
+                return x
+            return jax.device_put(np.asarray(x), replicated)
+
+        self.opt_state = jax.tree.map(on_mesh, self.tx.init(self.lora))
+        self.placement = MeshPlacement(self.mesh)
+        self.inner = Updater(self.graphdef, self.tx, config, placement=self.placement)
+        self._returned: tuple[Any, Any] | None = None  # the host state last handed out
+        self.stopped = False
+
+    # -------------------------------------------------------------- process 0
+
+    def __call__(self, lora, opt_state, base, batch):
+        """``(lora, opt_state, metrics)`` as :class:`Updater` gives them (``base`` is unused:
+        the mesh holds its own shards), as host arrays."""
+        if self._returned is None or lora is not self._returned[0] \
+                or opt_state is not self._returned[1]:
+            self._command(CMD_LOAD)
+            self._load(lora, opt_state)
+        self._command(CMD_UPDATE, batch.shape)
+        metrics = self._update(self._share_batch(batch))
+        self._returned = self._gather(lora, opt_state)
+        return (*self._returned, metrics)
+
+    def close(self) -> None:
+        """Release the other processes (they return from :meth:`serve`)."""
+        if not self.stopped and jax.process_count() > 1 and jax.process_index() == 0:
+            self._command(CMD_STOP)
+        self.stopped = True
+
+    # -------------------------------------------------------------- processes > 0
+
+    def serve(self) -> int:
+        """Follow process 0's commands until it stops; returns the number of updates."""
+        updates = 0
+        like_lora = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self.lora)
+        like_opt = jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), self.opt_state)
+        while True:
+            cmd, rows, length = (int(v) for v in _broadcast(np.zeros(3, np.int32)))
+            if cmd == CMD_STOP:
+                self.stopped = True
+                return updates
+            if cmd == CMD_LOAD:
+                self._load(like_lora, like_opt)
+            elif cmd == CMD_UPDATE:
+                self._update(self._share_batch(None, (rows, length)))
+                self._gather(like_lora, like_opt)
+                updates += 1
+            else:
+                raise RuntimeError(f"unknown command {cmd} from process 0")
+
+    # -------------------------------------------------------------- collective parts
+
+    def _command(self, cmd: int, shape: tuple[int, int] = (0, 0)) -> None:
+        _broadcast(np.asarray([cmd, *shape], np.int32))
+
+    def _load(self, lora, opt_state) -> None:
+        """Process 0's host state, placed on the mesh like the current state."""
+        host = _broadcast([np.asarray(x) for x in jax.tree.leaves((lora, opt_state))])
+        current, treedef = jax.tree.flatten((self.lora, self.opt_state))
+        if len(host) != len(current):
+            raise ValueError(f"state of {len(host)} arrays for {len(current)} on the mesh")
+        placed = [jax.device_put(np.asarray(h, dtype=c.dtype).reshape(c.shape), c.sharding)
+                  for h, c in zip(host, current, strict=True)]
+        self.lora, self.opt_state = jax.tree.unflatten(treedef, placed)
+
+    def _share_batch(self, batch, shape: tuple[int, int] | None = None):
+        from mtrl_jax.training.packing import PackedBatch
+
+        if batch is not None:
+            arrays = {k: np.asarray(getattr(batch, k)) for k in _BATCH}
+            counts = np.asarray([batch.num_tokens, batch.flat_tokens], np.int64)
+        else:
+            ints = ("tokens", "positions", "segment_ids", "parent_ids")
+            arrays = {k: np.zeros(shape, np.int32 if k in ints else np.float32) for k in _BATCH}
+            counts = np.zeros(2, np.int64)
+        arrays, counts = _broadcast((arrays, counts))
+        if batch is not None:
+            return batch
+        return PackedBatch(arrays["tokens"], arrays["positions"], arrays["segment_ids"],
+                           arrays["loss_mask"], arrays["behaviour_logprobs"],
+                           arrays["advantages"], np.full(shape, -1, np.int32),
+                           int(counts[0]), parent_ids=arrays["parent_ids"],
+                           flat_tokens=int(counts[1]))
+
+    def _update(self, batch) -> dict[str, float]:
+        self.lora, self.opt_state, metrics = self.inner(self.lora, self.opt_state, self.base,
+                                                        batch)
+        return metrics
+
+    def _gather(self, lora_like, opt_like) -> tuple[Any, Any]:
+        """The mesh's LoRA and optimizer state whole, as host arrays in the structure of the
+        trainer's (an all-gather: every process calls it)."""
+        lora = jax.tree.unflatten(jax.tree.structure(lora_like),
+                                  [to_host(x) for x in jax.tree.leaves(self.lora)])
+        opt = jax.tree.unflatten(jax.tree.structure(opt_like),
+                                 [to_host(x) for x in jax.tree.leaves(self.opt_state)])
+        return lora, opt
+
+
+def follow(config) -> int:
+    """The life of a process other than 0: join process 0's train steps until it stops."""
+    updater = ShardedUpdater(config)
+    return updater.serve()
+
+
+# ---------------------------------------------------------------------- the local launcher
+
+
+def launch_local(cli_args: list[str], num_processes: int,
+                 devices_per_process: int | None = None, *, poll_s: float = 0.5) -> int:
+    """``mtrl <cli_args>`` (a ``train`` command line without the launch flags) as
+    ``num_processes`` local processes joined by jax.distributed (a coordinator on a free
+    127.0.0.1 port); returns process 0's exit code.
+
+    Each child runs in its own session: the launcher forwards SIGINT / SIGTERM to process 0
+    alone (the trainer saves a checkpoint and releases the others). If any process ends with an
+    error, the others are stopped (SIGTERM, then SIGKILL after 30 s): a train step cannot go on
+    without all of them. ``devices_per_process`` (CPU) sets XLA's host device count."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mtrl_jax.serving.launch import free_port
+
+    if num_processes < 2:
+        raise ValueError(f"launch_local needs >= 2 processes, got {num_processes}")
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs: list[subprocess.Popen] = []
+    for i in range(num_processes):
+        env = dict(os.environ, **{ENV_COORDINATOR: coordinator,
+                                  ENV_NUM_PROCESSES: str(num_processes),
+                                  ENV_PROCESS_ID: str(i)})
+        if devices_per_process:
+            flags = [f for f in env.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count")]
+            env["XLA_FLAGS"] = " ".join(
+                [*flags, f"--xla_force_host_platform_device_count={devices_per_process}"])
+        procs.append(subprocess.Popen([sys.executable, "-m", "mtrl_jax.cli", *cli_args],
+                                      env=env, start_new_session=True))
+    print(f"[mtrl] {num_processes} processes (pids {[p.pid for p in procs]}), coordinator "
+          f"{coordinator}", flush=True)
+
+    def forward(signum, frame):
+        if procs[0].poll() is None:
+            procs[0].send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed:
+                print(f"[mtrl] process {procs.index(failed[0])} exited with "
+                      f"{failed[0].returncode}: stopping the others", file=sys.stderr,
+                      flush=True)
+                _stop_all(procs)
+                break
+            time.sleep(poll_s)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _stop_all(procs)
+    return procs[0].returncode
+
+
+def _stop_all(procs, grace_s: float = 30.0) -> None:
+    import signal
+    import subprocess
+    import time
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -61,7 +61,7 @@ from mtrl_jax.rollout.runner import RolloutRunner, base_fingerprint, build_polic
 from mtrl_jax.rollout.sources import RolloutSource, StepRollout, make_rollout_source
 from mtrl_jax.rollout.trajectory import Trajectory
 from mtrl_jax.tracking import make_tracker
-from mtrl_jax.training import run_lock
+from mtrl_jax.training import distributed, run_lock
 from mtrl_jax.training.batch import (
     advantage_inputs,
     compute_step_advantages,
@@ -243,7 +243,12 @@ class MultiTurnRLTrainer:
         self.graphdef, self.lora, self.base = split_lora(model)
         self.tx, self.schedule = make_optimizer(c)
         self.opt_state = self.tx.init(self.lora)
-        self.updater = Updater(self.graphdef, self.tx, c)
+        if distributed.wants_sharding(c):
+            # the train step on the mesh of every process's devices; process 0 (this trainer)
+            # keeps host copies of the state for its sampler, checkpoints and exports
+            self.updater = distributed.ShardedUpdater(c)
+        else:
+            self.updater = Updater(self.graphdef, self.tx, c)
         # the trainer's own sampler: synchronous rollouts, validation, export
         self.runner = RolloutRunner(c, self.tokenizer, model, self.make_env)
 
@@ -592,5 +597,8 @@ class MultiTurnRLTrainer:
         try:
             self.source.close()
             self.runner.close()
+            close = getattr(getattr(self, "updater", None), "close", None)
+            if close is not None:
+                close()  # (other processes of a multi-process job return)
         finally:
             run_lock.release(self.config.output_dir)
