@@ -45,14 +45,22 @@ HAVE_CXX = find_compiler() is not None  # the CPU decode-attention kernel builds
                                     "qwen3"])
 def test_chunked_logprobs_match_full_softmax(layout):
     model = perturbed_model(LAYOUTS[layout], LORA)
+    graphdef, state = nnx.split(model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 101, (2, 13)))
-    want = full_logprobs(model, tokens)
+    # jitted (one compile per program, not one per op: ~20 s less per case)
+    want = jax.jit(lambda st, t: full_logprobs(nnx.merge(graphdef, st), t))(state, tokens)
     pos = jnp.broadcast_to(jnp.arange(13), (2, 13))
     seg = jnp.ones((2, 13), jnp.int32)
+
+    @functools.partial(jax.jit, static_argnames="chunk")
+    def chunked(st, chunk):
+        return token_logprobs(nnx.merge(graphdef, st), tokens, pos, seg, chunk_size=chunk,
+                              with_entropy=True)
+
     for chunk in (1, 5, 26, 1000):
-        got = token_logprobs(model, tokens, pos, seg, chunk_size=chunk, with_entropy=True)
+        got = chunked(state, chunk)
         np.testing.assert_allclose(got.logprobs, want, atol=2e-5)
-    logits = model(tokens)
+    logits = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))(state, tokens)
     p = jax.nn.softmax(logits[:, :-1], -1)
     ent = -jnp.sum(p * jax.nn.log_softmax(logits[:, :-1], -1), -1)
     np.testing.assert_allclose(got.entropy[:, 1:], ent, atol=2e-5)
@@ -83,12 +91,15 @@ def test_packed_equals_unpacked_logprobs():
     lengths = [7, 4, 9, 3, 5]
     seqs = [rng.integers(0, 101, n) for n in lengths]
 
+    graphdef, state = nnx.split(model)
+    logprobs = jax.jit(lambda st, t, p, s: token_logprobs(nnx.merge(graphdef, st), t, p, s,
+                                                          chunk_size=8).logprobs)
+
     def run(rows, length):
         seg, placement, _ = pack(lengths, rows, length)
         tokens = scatter(placement, seqs, rows, length, dtype=np.int32)
         pos = scatter(placement, [np.arange(n) for n in lengths], rows, length, dtype=np.int32)
-        lp = token_logprobs(model, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg),
-                            chunk_size=8).logprobs
+        lp = logprobs(state, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg))
         return [np.asarray(lp)[r, s:s + n] for r, s, n in placement]
 
     packed = run(rows=2, length=16)
