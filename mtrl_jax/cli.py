@@ -235,7 +235,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     serve(args.model, host=args.host, port=args.port, lora_rank=args.lora_rank,
           lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, slots=args.slots,
-          max_len=args.max_len, seed=args.seed, served_model_name=args.served_model_name)
+          max_len=args.max_len, seed=args.seed, served_model_name=args.served_model_name,
+          batch_quiet_ms=args.batch_quiet_ms)
     return 0
 
 
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-len", type=int, default=4096, help="tokens per sequence")
     sv.add_argument("--seed", type=int, default=0)
     sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--batch-quiet-ms", type=float, default=20.0,
+                    help="start a decode call once requests stop arriving for this long "
+                    "(0: after 5 ms whatever arrives)")
     sv.set_defaults(fn=_serve)
 
     tr = add("train", help="train with a YAML recipe (resumes from the newest "

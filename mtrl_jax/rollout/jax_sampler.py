@@ -74,6 +74,13 @@ class JaxSampler:
       seed: PRNG seed; each call folds in a counter, so runs are reproducible for the same
         sequence of calls.
       batch_wait_s: how long the batcher waits for more requests before a call.
+      min_bucket, min_decode_steps: the smallest input width and decode-loop bound of a call
+        (both rounded up to powers of two: each distinct pair is a compiled program; the loop
+        stops when every row is done, so a larger bound costs no decode steps).
+      batch_quiet_s: outside lockstep rounds (a server's requests), also wait until no request
+        has arrived for this long (at most ``batch_max_wait_s`` in all, or until every slot
+        has a request): the turns of concurrent episodes trickle in over tens of milliseconds,
+        and a decode call costs the same for one request as for all slots. 0 = off.
       shared_prefix_min_tokens: episodes that start in one decode call on empty slots with at
         least this many equal tokens (a group's prompt) get that prefix encoded once and its
         cache copied to each slot (:func:`~mtrl_jax.models.decoding.prefill_shared`); each keeps
@@ -82,14 +89,19 @@ class JaxSampler:
 
     def __init__(self, model: CausalLM, params: SamplingParams, *, slots: int = 32,
                  max_len: int = 4096, seed: int = 0, batch_wait_s: float = 0.002,
-                 min_bucket: int = 16, policy_version: int = 0,
+                 batch_quiet_s: float = 0.0, batch_max_wait_s: float = 0.25,
+                 min_bucket: int = 16, min_decode_steps: int = 8, policy_version: int = 0,
                  shared_prefix_min_tokens: int = 16):
         self.model = model
         self.params = params
         self.slots = slots
         self.max_len = max_len
         self.batch_wait_s = batch_wait_s
+        self.batch_quiet_s = batch_quiet_s
+        self.batch_max_wait_s = batch_max_wait_s
+        self._last_arrival = 0.0
         self.min_bucket = min_bucket
+        self.min_decode_steps = min_decode_steps
         self.policy_version = policy_version
         self.shared_prefix_min_tokens = shared_prefix_min_tokens
         #: input tokens not encoded thanks to shared prefixes, and those encoded (a counter each)
@@ -177,6 +189,7 @@ class JaxSampler:
         fut = asyncio.get_running_loop().create_future()
         self.pending.append(_Request(slot, new, min(max_tokens, room), params or self.params,
                                      fut, adapter, seed))
+        self._last_arrival = time.monotonic()
         self._wake.set()
         return await fut
 
@@ -246,6 +259,12 @@ class JaxSampler:
         while True:
             await self._wake.wait()
             await asyncio.sleep(self.batch_wait_s)  # let concurrent requests join the call
+            if self.batch_quiet_s > 0 and self._round is None:
+                t0 = time.monotonic()
+                while (len(self.pending) < self.slots
+                       and time.monotonic() - self._last_arrival < self.batch_quiet_s
+                       and time.monotonic() - t0 < self.batch_max_wait_s):
+                    await asyncio.sleep(self.batch_quiet_s / 4)
             self._wake.clear()
             if self._round is not None and \
                     len(self.pending) < self._round - len(self._round_done):
@@ -300,7 +319,7 @@ class JaxSampler:
             inputs[r.slot, :len(r.new_tokens)] = r.new_tokens
             num_inputs[r.slot] = len(r.new_tokens)
             max_new[r.slot] = r.max_tokens
-        steps = bucket_length(int(max_new.max()), 8)
+        steps = bucket_length(int(max_new.max()), self.min_decode_steps)
         key = jax.random.fold_in(self.key, self.calls)
         self.calls += 1
         row_seeds = None

@@ -4,11 +4,15 @@
     mtrl serve --model PATH [--lora-rank R --lora-alpha A] [--port P] [--slots N]
 
 Concurrent requests are batched through one :class:`~mtrl_jax.rollout.jax_sampler.JaxSampler`
-(its slots: rows of one KV cache). Requests are stateless, as in vLLM; a request whose tokens
-extend what an idle slot holds (the next turn of an episode) reuses that slot's cache, the way
-vLLM's prefix cache reuses blocks, so a turn encodes only its new tokens. Slots are reused
-only for the same adapter (a cache computed with other weights is not that adapter's).
-Idle slots are evicted least recently used.
+(its slots: rows of one KV cache); a decode call starts once requests have stopped arriving for
+``--batch-quiet-ms`` (default 20; at most 1 s after the first, or when every slot has one):
+the next turns of concurrent episodes arrive over tens of milliseconds, and a decode call costs
+about the same for one request as for all slots.
+
+Requests are stateless, as in vLLM; a request whose tokens extend what an idle slot holds (the
+next turn of an episode) reuses that slot's cache, the way vLLM's prefix cache reuses blocks,
+so a turn encodes only its new tokens. Slots are reused only for the same adapter (a cache
+computed with other weights is not that adapter's). Idle slots are evicted least recently used.
 
 LoRA adapters: ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` reads a PEFT adapter
 folder (:func:`~mtrl_jax.models.checkpoint.export_peft_adapter`'s layout; rank, alpha and
@@ -41,13 +45,17 @@ class ModelServer:
     """The request handling, apart from HTTP (``app()`` wraps it in aiohttp)."""
 
     def __init__(self, model, *, model_name: str, slots: int = 64, max_len: int = 4096,
-                 seed: int = 0, batch_wait_s: float = 0.005):
+                 seed: int = 0, batch_wait_s: float = 0.005, batch_quiet_s: float = 0.02):
         from flax import nnx
 
         self.model = model
         self.model_name = model_name
         self.sampler = JaxSampler(model, SamplingParams(), slots=slots, max_len=max_len,
                                   seed=seed, batch_wait_s=batch_wait_s,
+                                  batch_quiet_s=batch_quiet_s, batch_max_wait_s=1.0,
+                                  # requests of any length and budget: few, wide programs
+                                  # (each distinct pair compiles once, seconds on CPU)
+                                  min_bucket=64, min_decode_steps=64,
                                   shared_prefix_min_tokens=0)
         if model.lora_config.rank > 0:
             base = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
@@ -120,9 +128,11 @@ class ModelServer:
         if max_tokens < 1:
             raise P.ProtocolError("max_tokens must be >= 1")
         top_k = sp.get("top_k") or 0
+        # the budget travels with the request (the sampler's per-row max_new), not in the
+        # parameters: requests that differ only in max_tokens share decode calls and programs
         params = SamplingParams(temperature=float(sp.get("temperature", 1.0)),
                                 top_p=float(sp.get("top_p", 1.0)),
-                                top_k=0 if top_k < 0 else int(top_k), max_tokens=max_tokens,
+                                top_k=0 if top_k < 0 else int(top_k), max_tokens=1,
                                 stop_token_ids=tuple(sp.get("stop_token_ids") or ()))
         adapter = name if self.sampler.adapters else None
         self.requests += 1
@@ -247,7 +257,8 @@ def app(server: ModelServer):
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, lora_rank: int = 0,
           lora_alpha: float | None = None, lora_targets: str | None = None, slots: int = 64,
-          max_len: int = 4096, seed: int = 0, served_model_name: str | None = None) -> None:
+          max_len: int = 4096, seed: int = 0, served_model_name: str | None = None,
+          batch_quiet_ms: float = 20.0) -> None:
     """Load the model and serve until interrupted (SIGINT/SIGTERM)."""
     from aiohttp import web
 
@@ -264,7 +275,8 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, lora_ra
         lora = LoRAConfig(**kw)
     model = load_model(model_path, lora=lora, seed=seed)
     name = served_model_name or os.path.basename(os.path.normpath(model_path))
-    server = ModelServer(model, model_name=name, slots=slots, max_len=max_len, seed=seed)
+    server = ModelServer(model, model_name=name, slots=slots, max_len=max_len, seed=seed,
+                         batch_quiet_s=batch_quiet_ms / 1000)
     print(f"[mtrl serve] {name} on http://{host}:{port} ({slots} slots of {max_len} tokens, "
           f"LoRA rank {lora_rank})", flush=True)
     web.run_app(app(server), host=host, port=port, print=None, handle_signals=True)
