@@ -223,10 +223,26 @@ class ShardedUpdater:
         self._returned = self._gather(lora, opt_state)
         return (*self._returned, metrics)
 
-    def close(self) -> None:
-        """Release the other processes (they return from :meth:`serve`)."""
+    def close(self, timeout_s: float = 20.0) -> None:
+        """Release the other processes (they return from :meth:`serve`). A process that died
+        cannot answer: after ``timeout_s`` this gives up waiting (its launcher stops the job)."""
         if not self.stopped and jax.process_count() > 1 and jax.process_index() == 0:
-            self._command(CMD_STOP)
+            import sys
+            import threading
+
+            def stop():
+                try:
+                    self._command(CMD_STOP)
+                except Exception as e:  # a peer is gone: nothing left to release
+                    print(f"[mtrl] could not stop the other processes: {type(e).__name__}",
+                          file=sys.stderr, flush=True)
+
+            t = threading.Thread(target=stop, daemon=True)
+            t.start()
+            t.join(timeout_s)
+            if t.is_alive():
+                print(f"[mtrl] the other processes did not take the stop within {timeout_s:.0f} "
+                      "s (one has died?)", file=sys.stderr, flush=True)
         self.stopped = True
 
     # -------------------------------------------------------------- processes > 0
@@ -348,13 +364,15 @@ def launch_local(cli_args: list[str], num_processes: int,
             procs[0].send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    first_failed = None
     try:
         while any(p.poll() is None for p in procs):
             failed = [p for p in procs if p.poll() not in (None, 0)]
             if failed:
-                print(f"[mtrl] process {procs.index(failed[0])} exited with "
-                      f"{failed[0].returncode}: stopping the others", file=sys.stderr,
-                      flush=True)
+                first_failed = procs.index(failed[0])
+                print(f"[mtrl] process {first_failed} exited with {failed[0].returncode}: "
+                      "stopping the others (process 0 saves a checkpoint on SIGTERM)",
+                      file=sys.stderr, flush=True)
                 _stop_all(procs)
                 break
             time.sleep(poll_s)
@@ -362,7 +380,10 @@ def launch_local(cli_args: list[str], num_processes: int,
         for s, h in old.items():
             signal.signal(s, h)
         _stop_all(procs)
-    return procs[0].returncode
+    code = procs[0].returncode
+    if first_failed not in (None, 0):  # another process failed first: the job failed
+        return 1
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
 
 def _stop_all(procs, grace_s: float = 30.0) -> None:
