@@ -200,3 +200,40 @@ def test_mtrl_train_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
     wc = _adapter(tmp_path / "killed")
     for k in wa:
         np.testing.assert_allclose(wc[k], wa[k], atol=1e-4)
+
+
+@pytest.mark.slow  # ~40 s; the 2-process run above covers the protocol in the default run
+def test_a_dead_process_fails_the_job_fast_and_keeps_the_last_checkpoint(tmp_path):
+    import signal
+    import time
+
+    job = _train(tmp_path, "run", "steps=1000", "--num-processes", "2",
+                 "--devices-per-process", "2")
+    try:
+        deadline = time.time() + 300
+        line = ""
+        while "step    2/" not in line and time.time() < deadline:
+            line = job.stdout.readline()
+            assert line or job.poll() is None
+        follower = None
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"MTRL_PROCESS_ID=1" in env and \
+                    f"output_dir={tmp_path / 'run'}".encode() in open(
+                        f"/proc/{pid}/cmdline", "rb").read():
+                follower = int(pid)
+        assert follower is not None
+        os.kill(follower, signal.SIGKILL)
+        t0 = time.time()
+        log = _finish(job, 120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 1, log[-3000:]
+    assert time.time() - t0 < 60  # nobody waits forever on the dead process
+    assert "process 1 exited with -9" in log
+    assert any(x.isdigit() for x in os.listdir(tmp_path / "run" / "checkpoints"))
