@@ -234,6 +234,13 @@ class AsyncSection:
 
     max_steps_off_policy: int = 0
     mode: Literal["auto", "process", "inprocess"] = "auto"
+    # worker processes as local OS processes, or as Ray actors (mtrl_jax/rollout/ray_pool.py)
+    # on the cluster ray_address (or RAY_ADDRESS) names, else a local one started and stopped
+    # by the run; each actor asks for ray_num_cpus CPUs and ray_num_gpus GPUs
+    backend: Literal["process", "ray"] = "process"
+    ray_address: str | None = None
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
     # a worker loads weights that arrive mid-rollout before its next decode call (the
     # episode's later turns record the newer version); admission still counts the start
     partial_rollouts: bool = False
@@ -494,6 +501,10 @@ _RULES: dict[str, Any] = {
     "algorithm.tis_cap": None,  # > 0: the kernels' TISParams (_check)
     "async_config.max_steps_off_policy": _at_least(0),
     "async_config.mode": None,
+    "async_config.backend": None,
+    "async_config.ray_address": _optional(_non_empty),
+    "async_config.ray_num_cpus": _at_least(0),
+    "async_config.ray_num_gpus": _at_least(0),
     "async_config.partial_rollouts": None,
     "async_config.num_workers": _at_least(1),
     "async_config.heartbeat_s": _above(0),

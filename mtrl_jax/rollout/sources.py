@@ -117,7 +117,10 @@ def make_rollout_source(config, runner, *, make_env: Callable | None) -> Rollout
 
     if mode == "inprocess":
         return InProcessRolloutPool(config, runner)
-    pool = ProcessRolloutPool(config, make_env=make_env,
-                              scratch_root=os.path.join(config.output_dir, "rollout_workers"))
+    cls = ProcessRolloutPool
+    if config.async_config.backend == "ray":
+        from mtrl_jax.rollout.ray_pool import RayRolloutPool as cls
+    pool = cls(config, make_env=make_env,
+               scratch_root=os.path.join(config.output_dir, "rollout_workers"))
     pool.launch()
     return pool

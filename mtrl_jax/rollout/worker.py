@@ -116,11 +116,16 @@ class WorkerSpec:
     make_env: Callable | None
     scratch: str
     token: str
-    parent_pid: int
+    parent_pid: int  # -1: not a child of the trainer (a Ray actor)
     heartbeat_s: float = 1.0
+    # a worker process exits on a fatal error (its pipes are gone); a thread in a Ray actor
+    # returns instead, so that its last message (the error) is still read
+    exit_on_error: bool = True
 
 
 def _die_with_parent(parent_pid: int) -> None:
+    if parent_pid < 0:
+        return
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -228,7 +233,9 @@ def worker_main(spec: WorkerSpec, cmd_conn, out_conn) -> None:
     except BaseException:
         send(("error", traceback.format_exc()))
         out_conn.close()
-        os._exit(1)
+        if spec.exit_on_error:
+            os._exit(1)
+        return
     out_conn.close()
 
 
