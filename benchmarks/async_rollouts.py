@@ -79,6 +79,10 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true",
                     help="skip warming the persistent compilation cache (compiles are timed)")
     ap.add_argument("--compile-cache", default=None)
+    ap.add_argument("--backends", nargs="+", default=["process"], choices=["process", "ray"],
+                    help="rollout worker backends run side by side at every k > 0 "
+                    "(async_config.backend); the ray rows report their wall time over the "
+                    "process rows' as ray_vs_process")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides (key=value)")
     args = ap.parse_args()
 
@@ -94,28 +98,33 @@ def main() -> None:
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
-    def one(lat: float, k: int, steps: int, workers: int = 1) -> dict:
+    def one(lat: float, k: int, steps: int, workers: int = 1, backend: str = "process") -> dict:
         out = subprocess.run([sys.executable, __file__, "--one", str(lat), str(k),
                               "--steps", str(steps), "--seed", str(args.seed),
-                              *args.overrides, f"async_config.num_workers={workers}"],
+                              *args.overrides, f"async_config.num_workers={workers}",
+                              f"async_config.backend={backend}"],
                              env=env, capture_output=True, text=True)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if out.returncode != 0 or line is None:
             raise SystemExit(f"config latency={lat} k={k} failed:\n{out.stderr[-4000:]}")
-        return {**json.loads(line[len("RESULT "):]), "workers": workers if k > 0 else 0}
+        return {**json.loads(line[len("RESULT "):]), "workers": workers if k > 0 else 0,
+                "backend": backend if k > 0 else "-"}
 
     if not args.cold:  # every process then starts from the same warm compilation cache
         print("warming the compilation cache (k = 0 and k = 1, 2 steps, discarded)", flush=True)
         for k in sorted({0, max(1, max(args.ks))}):
-            one(args.latencies[0], k, 2)
+            for backend in (args.backends if k > 0 else ["process"]):
+                one(args.latencies[0], k, 2, backend=backend)
     rows = []
     for lat in args.latencies:
-        configs = [(kk, w) for kk in args.ks
-                   for w in (args.workers if kk == max(args.ks) and kk > 0 else [1])]
-        for k, workers in configs:
-            row = one(lat, k, args.steps, workers)
+        configs = [(kk, w, b) for kk in args.ks
+                   for w in (args.workers if kk == max(args.ks) and kk > 0 else [1])
+                   for b in (args.backends if kk > 0 else ["process"])]
+        for k, workers, backend in configs:
+            row = one(lat, k, args.steps, workers, backend)
             rows.append(row)
             print(f"latency {lat * 1e3:>4.0f} ms  k={k}  workers={row['workers']}  "
+                  f"backend={row['backend']}  "
                   f"wall {row['wall_s']:7.1f} s  "
                   f"({row['s_per_step']:.2f} s/step, {row['s_per_step_after_first']:.2f} after "
                   f"the first)  val success {row['val_success']:.3f} "
@@ -124,14 +133,25 @@ def main() -> None:
     for r in rows:
         ref = next(x for x in rows if x["latency_s"] == r["latency_s"] and x["k"] == args.ks[0])
         r["speedup"] = ref["wall_s"] / r["wall_s"]
-    print("\nlatency  k  workers   wall_s  speedup  s/step>1  steady speedup  val_success")
+        if r.get("backend") == "ray":
+            proc = next((x for x in rows if x.get("backend") == "process"
+                         and (x["latency_s"], x["k"], x["workers"])
+                         == (r["latency_s"], r["k"], r["workers"])), None)
+            if proc is not None:
+                r["ray_vs_process"] = r["wall_s"] / proc["wall_s"]
+                r["ray_vs_process_steady"] = (r["s_per_step_after_first"]
+                                              / proc["s_per_step_after_first"])
+    print("\nlatency  k  workers  backend   wall_s  speedup  s/step>1  steady speedup  "
+          "val_success  ray/process")
     for r in rows:
         ref = next(x for x in rows if x["latency_s"] == r["latency_s"] and x["k"] == args.ks[0])
         r["steady_speedup"] = ref["s_per_step_after_first"] / r["s_per_step_after_first"]
-        print(f"{r['latency_s'] * 1e3:5.0f}ms  {r['k']}  {r['workers']:>7}  {r['wall_s']:7.1f}  "
+        vs = f"{r['ray_vs_process']:.3f}" if "ray_vs_process" in r else "-"
+        print(f"{r['latency_s'] * 1e3:5.0f}ms  {r['k']}  {r['workers']:>7}  "
+              f"{r.get('backend', '-'):>7}  {r['wall_s']:7.1f}  "
               f"{r['speedup']:6.2f}x  {r['s_per_step_after_first']:8.2f}  "
               f"{r['steady_speedup']:13.2f}x  {r['val_success']:.3f} +- "
-              f"{r['val_success_se']:.3f}")
+              f"{r['val_success_se']:.3f}  {vs}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
