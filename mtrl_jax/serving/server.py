@@ -7,7 +7,8 @@ Concurrent requests are batched through one :class:`~mtrl_jax.rollout.jax_sample
 (its slots: rows of one KV cache); a decode call starts once requests have stopped arriving for
 ``--batch-quiet-ms`` (default 20; at most 1 s after the first, or when every slot has one):
 the next turns of concurrent episodes arrive over tens of milliseconds, and a decode call costs
-about the same for one request as for all slots.
+about the same for one request as for all slots. Requests on fresh slots that share 16 or more
+leading tokens (a group's prompt) in one call have the common prefix encoded once.
 
 Requests are stateless, as in vLLM; a request whose tokens extend what an idle slot holds (the
 next turn of an episode) reuses that slot's cache, the way vLLM's prefix cache reuses blocks,
@@ -56,7 +57,7 @@ class ModelServer:
                                   # requests of any length and budget: few, wide programs
                                   # (each distinct pair compiles once, seconds on CPU)
                                   min_bucket=64, min_decode_steps=64,
-                                  shared_prefix_min_tokens=0)
+                                  shared_prefix_min_tokens=16)
         if model.lora_config.rank > 0:
             base = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
             self.sampler.add_adapter(model_name, base, 0)
