@@ -35,6 +35,8 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> None:
                 p.kill()
 
 
+# ~75 s; the default run covers 2 x 2 vs 1 x 4 end to end (the mtrl train test below)
+@pytest.mark.slow
 def test_two_processes_give_the_update_of_one_process_with_the_same_mesh(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     multi = [_run("multi", tmp_path / "multi.npz", str(i), coordinator) for i in range(2)]
