@@ -137,7 +137,12 @@ class RayRolloutPool(ProcessRolloutPool):
         self._actor_cls = ray.remote(RolloutActor)
         self._weight_refs: dict[int, Any] = {}
         self._drains: dict[int, Any] = {}  # worker id -> its pending drain call
-        super().__init__(config, **kw)
+        try:
+            super().__init__(config, **kw)
+        except BaseException:
+            if self._owns_ray:  # e.g. an unpicklable make_env: no cluster left running
+                ray.shutdown()
+            raise
 
     # ------------------------------------------------------------------ transport
 
