@@ -27,20 +27,25 @@ from tests.test_async import (
 RAY = ["async_config.backend=ray"]
 
 
-def _ray_processes() -> list[int]:
-    """Live raylet / GCS / Ray worker processes started by this test run."""
-    out = []
+def _descendants(root: int) -> list[int]:
+    """Live processes under ``root`` (this test's Ray cluster: GCS, raylet, workers, actors;
+    not another xdist worker's)."""
+    children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if (b"raylet" in cmd or b"gcs_server" in cmd or b"default_worker.py" in cmd) \
-                and _alive(int(name)):
-            out.append(int(name))
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if _alive(c):
+                out.append(c)
+                todo.append(c)
     return out
 
 
@@ -51,7 +56,7 @@ def test_ray_actors_reproduce_the_synchronous_trainer_and_leave_nothing(tmp_path
     a = sync.train()
     sync.close()
     t = make(tmp_path, "ray", 3, ["async_config.mode=process", *RAY])
-    pools, actor_pids = [], []
+    pools, actor_pids, cluster = [], [], []
     orig = t._start_source
 
     def spy():
@@ -62,6 +67,7 @@ def test_ray_actors_reproduce_the_synchronous_trainer_and_leave_nothing(tmp_path
         while not t.source.pids and time.time() < deadline:
             time.sleep(0.1)
         actor_pids.extend(t.source.pids)
+        cluster.extend(_descendants(os.getpid()))
 
     t._start_source = spy
     b = t.train()
@@ -77,10 +83,11 @@ def test_ray_actors_reproduce_the_synchronous_trainer_and_leave_nothing(tmp_path
     assert [r["step"] for r in _ledger(t)] == [0, 1, 2]
     # the run started the local cluster, so it stopped it: no actor, raylet or GCS is left
     assert not ray.is_initialized()
+    assert set(actor_pids) <= set(cluster) and len(cluster) > len(actor_pids)  # + raylet, GCS
     deadline = time.time() + 20
-    while (_ray_processes() or any(_alive(p) for p in actor_pids)) and time.time() < deadline:
+    while any(_alive(p) for p in cluster) and time.time() < deadline:
         time.sleep(0.5)
-    assert not any(_alive(p) for p in actor_pids) and _ray_processes() == []
+    assert [p for p in cluster if _alive(p)] == []
 
 
 def test_a_sigkilled_actor_is_replaced_and_no_sample_is_lost_or_reused(tmp_path):
