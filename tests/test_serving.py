@@ -194,9 +194,10 @@ def test_server_backend_matches_the_in_process_sampler_and_survives_a_dead_serve
 
 @pytest.mark.parametrize("k", [0, pytest.param(1, marks=pytest.mark.slow)])  # k=1: ~60 s more
 def test_a_training_run_with_the_server_backend(tmp_path, k):
-    """Three steps of the trainer sampling through `mtrl serve`, synchronously (k = 0) and from
-    a rollout worker process one step ahead (k = 1): the base model before any update, then each
-    new LoRA version exported, loaded by name and recorded on its tokens."""
+    """Three steps of the trainer sampling through two `mtrl serve` processes, synchronously
+    (k = 0) and from a rollout worker process one step ahead (k = 1): the base model before any
+    update, then each new LoRA version exported, loaded by name on both and recorded on its
+    tokens."""
     from mtrl_jax.config import load_config
     from mtrl_jax.rollout.runner import build_policy
     from mtrl_jax.training.trainer import MultiTurnRLTrainer
@@ -207,26 +208,28 @@ def test_a_training_run_with_the_server_backend(tmp_path, k):
     model_dir = str(tmp_path / "model")
     save_model(model, model_dir)
     tokenizer.save_pretrained(model_dir)
-    server = _server(model_dir, str(tmp_path))
-    url = server.start().url
+    servers = [_server(model_dir, str(tmp_path)).launch() for _ in range(2)]
     try:
+        urls = [server.wait_healthy().url for server in servers]
         over = [o for o in tiny if not o.startswith(("model.tiny=", "lora.lora_rank="))]
         t = MultiTurnRLTrainer(None, overrides=over + [
             f"model.path={model_dir}", f"lora.lora_rank={LORA.rank}", "steps=3",
             "checkpoint_interval=0", f"output_dir={tmp_path / 'run'}", "tracker=none",
-            "rollout.backend=server", f"rollout.servers=[{url}]",
+            "rollout.backend=server", f"rollout.servers=[{', '.join(urls)}]",
             f"async_config.max_steps_off_policy={k}"], verbose=False)
         hist = t.train()
         t.close()
         assert len(hist) == 3
-        assert all(h["rollout/server_requests"] >= 4 and h["rollout/servers_live"] == 1
+        assert all(h["rollout/server_requests"] >= 4 and h["rollout/servers_live"] == 2
                    for h in hist)
         assert [h.get("rollout/server_failures", 0) for h in hist] == [0, 0, 0]
-        ids = [c["id"] for c in json.loads(urllib.request.urlopen(url + P.MODELS).read())["data"]]
-        # newer versions than the base are loaded (by the trainer's and the worker's samplers,
-        # each under its own process id); each keeps only its newest
-        assert ids[0] == "model" and all("-policy-v" in i for i in ids[1:])
-        assert len(ids) <= 1 + (k + 1), ids
+        for server in servers:
+            stats = json.loads(urllib.request.urlopen(server.url + P.MODELS).read())["data"]
+            ids = [c["id"] for c in stats]
+            # newer versions than the base are loaded on every server (by the trainer's and
+            # the worker's samplers, each under its own process id); each keeps its newest
+            assert ids[0] == "model" and all("-policy-v" in i for i in ids[1:])
+            assert 2 <= len(ids) <= 1 + (k + 1), ids
         exported = os.listdir(tmp_path / "run" / "served_adapters")
         assert any(e.endswith("-policy-v1") for e in exported), exported
         # each step's episodes were sampled by that step's version, or up to k before it (the
@@ -238,8 +241,8 @@ def test_a_training_run_with_the_server_backend(tmp_path, k):
         if k == 0:
             assert versions == [0, 1, 2]
     finally:
-        code = server.stop()
-    assert code == 0  # stopped cleanly on SIGTERM
+        codes = [server.stop() for server in servers]
+    assert codes == [0, 0]  # stopped cleanly on SIGTERM
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path):
