@@ -208,7 +208,6 @@ class RayRolloutPool(ProcessRolloutPool):
     def _run_monitor(self) -> None:
         import ray
 
-        a = self.config.async_config
         while True:
             with self._lock:
                 if self._closed:
@@ -244,12 +243,8 @@ class RayRolloutPool(ProcessRolloutPool):
                         continue
                     for msg in msgs:
                         self._handle(w, msg)
-                now = time.time()
                 for w in list(self.workers.values()):
-                    if w.ready and now - w.last_seen > a.heartbeat_timeout_s:
-                        self._died(w, f"silent for {now - w.last_seen:.0f} s (heartbeat)")
-                    elif not w.ready and now - w.started > a.startup_timeout_s:
-                        self._died(w, f"not ready after {a.startup_timeout_s:.0f} s")
+                    self._check_timeouts(w)
                 self._cond.notify_all()
 
     def _reap(self, w: _Worker) -> None:

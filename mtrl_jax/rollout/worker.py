@@ -484,7 +484,6 @@ class ProcessRolloutPool:
             self._send(w, ("work", a.step, a.attempt, list(self.tasks_for(a.step))))
 
     def _run_monitor(self) -> None:
-        a = self.config.async_config
         while True:
             with self._lock:
                 if self._closed:
@@ -508,16 +507,22 @@ class ProcessRolloutPool:
                     except Exception:
                         self.failure = RolloutWorkerError(
                             f"reading from rollout worker {w.wid}:\n{traceback.format_exc()}")
-                now = time.time()
                 for w in list(self.workers.values()):
                     if w.proc.poll() is not None and w.wid in self.workers and \
                             not w.out.poll():
                         self._died(w, "process exited")
-                    elif w.ready and now - w.last_seen > a.heartbeat_timeout_s:
-                        self._died(w, f"silent for {now - w.last_seen:.0f} s (heartbeat)")
-                    elif not w.ready and now - w.started > a.startup_timeout_s:
-                        self._died(w, f"not ready after {a.startup_timeout_s:.0f} s")
+                    else:
+                        self._check_timeouts(w)
                 self._cond.notify_all()
+
+    def _check_timeouts(self, w: _Worker) -> None:
+        """Replace ``w`` when it has been silent past the heartbeat timeout, or not ready past
+        the startup timeout (the caller holds the lock)."""
+        a, now = self.config.async_config, time.time()
+        if w.ready and now - w.last_seen > a.heartbeat_timeout_s:
+            self._died(w, f"silent for {now - w.last_seen:.0f} s (heartbeat)")
+        elif not w.ready and now - w.started > a.startup_timeout_s:
+            self._died(w, f"not ready after {a.startup_timeout_s:.0f} s")
 
     def _handle(self, w: _Worker, msg) -> None:
         w.last_seen = time.time()
