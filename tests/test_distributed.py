@@ -193,6 +193,10 @@ def test_mtrl_train_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
     saved = sorted(int(x) for x in os.listdir(tmp_path / "killed" / "checkpoints")
                    if x.isdigit())
     assert saved and 2 <= saved[-1] < 4
+    # written collectively: each process its own shards (the LoRA A/B matrices are split over
+    # the fsdp axis, which spans the two processes)
+    state = tmp_path / "killed" / "checkpoints" / str(saved[-1]) / "state"
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state)), os.listdir(state)
     # resumed by one process (4 devices, the same mesh): it ends where the uninterrupted run
     # ended
     resumed = _train(tmp_path, "killed", "steps=4", "mesh.shard=always")

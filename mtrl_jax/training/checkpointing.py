@@ -1,6 +1,13 @@
 """orbax checkpoints of the trainer state: LoRA weights and optimizer state (as a flat list of
 arrays in pytree order) plus JSON metadata (step, data position, seed, MLflow run id, and a
-fingerprint of the model/LoRA config that a resume must match)."""
+fingerprint of the model/LoRA config that a resume must match).
+
+In a multi-process job (:mod:`mtrl_jax.training.distributed`) every process writes its own
+shards of the state: :meth:`Checkpoints.save` with ``collective=True``, called by all of them
+with the global (sharded) arrays, is orbax's multi-process write (each process's shards in its
+own OCDBT files, merged under one step folder). Reading needs no peers: process 0 restores the
+whole arrays on the host and hands them to the mesh, so a checkpoint resumes with any process
+count and mesh."""
 
 from __future__ import annotations
 
@@ -37,8 +44,8 @@ class Checkpoints:
             os.makedirs(self.directory, exist_ok=True)
             extra = {}
             if jax.process_count() > 1:
-                # a multi-process job: process 0 writes (it holds the gathered host state)
-                # without waiting for the others at orbax's barriers
+                # a multi-process job: this manager reads (process 0, resuming) and deletes
+                # without waiting for the others at orbax's barriers; writes are collective
                 extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
                     primary_host=0, active_processes={jax.process_index()})
             self._mngr = ocp.CheckpointManager(
@@ -51,18 +58,44 @@ class Checkpoints:
             return None
         return self.mngr.latest_step()
 
-    def save(self, step: int, tree: Any, meta: dict[str, Any]) -> str:
+    def save(self, step: int, tree: Any, meta: dict[str, Any], *,
+             collective: bool = False) -> str:
+        """Write ``tree``'s arrays and ``meta`` as checkpoint ``step``.
+
+        ``collective``: every process of the job calls this at once with the same ``step`` and
+        ``meta`` and its global arrays (sharded over the mesh); each writes the shards it
+        holds. Otherwise the arrays are brought to the host and this process writes them."""
         import orbax.checkpoint as ocp
 
         leaves = jax.tree.leaves(tree)
-        arrays = {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
         meta = dict(meta, num_leaves=len(leaves))
-        if step in self.mngr.all_steps():  # a fresh run (resume=False) over an old folder
-            self.mngr.delete(step)
-        self.mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
-        self.mngr.wait_until_finished()
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave({f"{i:05d}": x if collective else np.asarray(x)
+                                         for i, x in enumerate(leaves)}),
+            meta=ocp.args.JsonSave(meta))
+        if not collective:
+            if step in self.mngr.all_steps():  # a fresh run (resume=False) over an old folder
+                self.mngr.delete(step)
+            self.mngr.save(step, args=args, force=True)
+            self.mngr.wait_until_finished()
+            return os.path.join(self.directory, str(step))
+        # every process of the job in one manager (orbax's barriers span them all); a step of
+        # the same number from an earlier run is deleted by process 0 before (delete_step)
+        mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=self.max_to_keep, create=True))
+        try:
+            mngr.save(step, args=args, force=True)
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()
+        self._mngr = None  # this process's reader caches the step list
         return os.path.join(self.directory, str(step))
+
+    def delete_step(self, step: int) -> None:
+        """Remove checkpoint ``step`` if there is one (a fresh run over an old folder)."""
+        if step in self.steps():
+            self.mngr.delete(step)
+            self._mngr = None
 
     def steps(self) -> list[int]:
         if not os.path.isdir(self.directory):
@@ -133,7 +166,11 @@ class Checkpoints:
                 f"checkpoint step {step} in {self.directory} holds {meta['num_leaves']} arrays "
                 f"but this trainer state has {len(leaves)}: incompatible (a different LoRA "
                 "target set or optimizer?)")
-        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+        # whole arrays on one device of this process, whatever mesh and process count wrote
+        # them (a target sharding lets orbax read a multi-process checkpoint anywhere)
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                     sharding=one)
                     for i, x in enumerate(leaves)}
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(

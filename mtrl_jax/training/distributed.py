@@ -88,6 +88,11 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
     return ProcessInfo(jax.process_index(), jax.process_count(), coordinator)
 
 
+def multi_process() -> bool:
+    """Whether this process is one of several in a ``jax.distributed`` job."""
+    return jax.process_count() > 1
+
+
 def row_shards(mesh: Mesh) -> int:
     """Into how many parts a batch's rows are split (the product of :data:`ROW_AXES`)."""
     return int(np.prod([mesh.shape[a] for a in ROW_AXES]))
@@ -148,7 +153,7 @@ def gather_tree(tree: Any) -> Any:
 
 # ---------------------------------------------------------------------- the sharded update
 
-CMD_STOP, CMD_LOAD, CMD_UPDATE = 0, 1, 2
+CMD_STOP, CMD_LOAD, CMD_UPDATE, CMD_SAVE = 0, 1, 2, 3
 _BATCH = ("tokens", "positions", "segment_ids", "parent_ids", "loss_mask", "advantages",
           "behaviour_logprobs")
 
@@ -168,6 +173,18 @@ def _broadcast(tree: Any) -> Any:
     return multihost_utils.broadcast_one_to_all(tree)
 
 
+def _broadcast_json(obj: Any = None) -> Any:
+    """Process 0's JSON-able ``obj`` on every process (the others pass nothing)."""
+    import json
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 \
+        else np.zeros(0, np.uint8)
+    n = int(_broadcast(np.asarray([data.size], np.int64))[0])
+    if jax.process_index() != 0:
+        data = np.zeros(n, np.uint8)
+    return json.loads(np.asarray(_broadcast(data), np.uint8).tobytes().decode())
+
+
 class ShardedUpdater:
     """The update step of :class:`~mtrl_jax.training.update.Updater` on the mesh of
     ``config.mesh`` (every process's devices), with the call signature of ``Updater``.
@@ -177,10 +194,11 @@ class ShardedUpdater:
     tracking, checkpoints) calls it like an ``Updater`` with host-side state; the others run
     :meth:`serve` and follow its commands: ``update`` (the packed batch, broadcast), ``load``
     (the trainer's LoRA and optimizer state, e.g. after a resume: broadcast and placed on the
-    mesh), ``stop``. After each update the new LoRA weights and optimizer state are gathered
+    mesh), ``save`` (a checkpoint written collectively: each process its own shards), ``stop``.
+    After each update the new LoRA weights and optimizer state are gathered
     whole to every process (collectively) and returned to the trainer as host arrays: they
-    feed its sampler, its checkpoints and its exports unchanged, so a checkpoint resumes with
-    any process count.
+    feed its sampler and its exports unchanged; a checkpoint (written collectively, read by
+    process 0 alone) resumes with any process count.
     """
 
     def __init__(self, config, mesh: Mesh | None = None):
@@ -214,14 +232,56 @@ class ShardedUpdater:
     def __call__(self, lora, opt_state, base, batch):
         """``(lora, opt_state, metrics)`` as :class:`Updater` gives them (``base`` is unused:
         the mesh holds its own shards), as host arrays."""
-        if self._returned is None or lora is not self._returned[0] \
-                or opt_state is not self._returned[1]:
-            self._command(CMD_LOAD)
-            self._load(lora, opt_state)
+        self._sync(lora, opt_state)
         self._command(CMD_UPDATE, batch.shape)
         metrics = self._update(self._share_batch(batch))
         self._returned = self._gather(lora, opt_state)
         return (*self._returned, metrics)
+
+    def save_checkpoint(self, checkpoints, step: int, tree: Any, meta: dict[str, Any],
+                        timeout_s: float = 300.0) -> str:
+        """Checkpoint ``step`` of the trainer's state ``tree`` = ``(lora, opt_state)``, written
+        by every process of the job at once (each its own shards of the mesh's copy).
+
+        A peer that died cannot take part: after ``timeout_s`` this raises (the checkpoints
+        already written stay; the launcher stops the job)."""
+        import threading
+
+        lora, opt_state = tree
+        self._sync(lora, opt_state)
+        checkpoints.delete_step(step)
+        result: list = []
+
+        def write():
+            try:
+                self._command(CMD_SAVE, (step, 0))
+                _broadcast_json({"directory": checkpoints.directory,
+                                 "max_to_keep": checkpoints.max_to_keep, "meta": meta})
+                result.append(self._save(checkpoints, step, meta))
+            except BaseException as e:
+                result.append(e)
+
+        t = threading.Thread(target=write, daemon=True, name="mtrl-collective-save")
+        t.start()
+        t.join(timeout_s)
+        if not result:
+            raise RuntimeError(f"the collective checkpoint write of step {step} did not finish "
+                               f"within {timeout_s:.0f} s (a process of the job has died?)")
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    def _save(self, checkpoints, step: int, meta: dict[str, Any]) -> str:
+        """Every process: its shards of the mesh's state into ``checkpoints`` (collective)."""
+        return checkpoints.save(step, (self.lora, self.opt_state), meta, collective=True)
+
+    def _sync(self, lora, opt_state) -> None:
+        """The mesh holds ``(lora, opt_state)`` (process 0: the state it hands in)."""
+        if self._returned is None or lora is not self._returned[0] \
+                or opt_state is not self._returned[1]:
+            self._command(CMD_LOAD)
+            self._load(lora, opt_state)
+            self._returned = (lora, opt_state)
 
     def close(self, timeout_s: float = 20.0) -> None:
         """Release the other processes (they return from :meth:`serve`). A process that died
@@ -263,6 +323,12 @@ class ShardedUpdater:
                 self._update(self._share_batch(None, (rows, length)))
                 self._gather(like_lora, like_opt)
                 updates += 1
+            elif cmd == CMD_SAVE:
+                from mtrl_jax.training.checkpointing import Checkpoints
+
+                what = _broadcast_json()
+                self._save(Checkpoints(what["directory"], what["max_to_keep"]), rows,
+                           what["meta"])
             else:
                 raise RuntimeError(f"unknown command {cmd} from process 0")
 

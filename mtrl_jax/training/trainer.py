@@ -565,6 +565,10 @@ class MultiTurnRLTrainer:
             meta = {"step": self.step, "data_pos": self.data_pos, "seed": self.config.seed,
                     "run_id": getattr(getattr(self, "tracker", None), "run_id", None),
                     "fingerprint": json.loads(json.dumps(self._fingerprint()))}
+            if isinstance(self.updater, distributed.ShardedUpdater) \
+                    and distributed.multi_process():  # each process writes its own shards
+                return self.updater.save_checkpoint(self.checkpoints, self.step,
+                                                    (self.lora, self.opt_state), meta)
             return self.checkpoints.save(self.step, (self.lora, self.opt_state), meta)
 
     def _check_fingerprint(self, meta: dict[str, Any]) -> None:
