@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 
 def run_one(lat: float, k: int, steps: int, seed: int, overrides: list[str]) -> dict:
     """One configuration, in this (fresh) process."""
@@ -83,6 +85,10 @@ def main() -> None:
                     help="rollout worker backends run side by side at every k > 0 "
                     "(async_config.backend); the ray rows report their wall time over the "
                     "process rows' as ray_vs_process")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per configuration, interleaved (every configuration once, then "
+                    "again): rows report the median run's figures and every run's wall time "
+                    "(an asynchronous run's episodes depend on timing, so runs differ)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides (key=value)")
     args = ap.parse_args()
 
@@ -120,10 +126,25 @@ def main() -> None:
         configs = [(kk, w, b) for kk in args.ks
                    for w in (args.workers if kk == max(args.ks) and kk > 0 else [1])
                    for b in (args.backends if kk > 0 else ["process"])]
-        for k, workers, backend in configs:
-            row = one(lat, k, args.steps, workers, backend)
+        runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+        for rep in range(args.repeats):
+            for k, workers, backend in configs:
+                row = one(lat, k, args.steps, workers, backend)
+                runs[k, workers, backend].append(row)
+                print(f"  run {rep + 1}/{args.repeats}: latency {lat * 1e3:.0f} ms k={k} "
+                      f"workers={workers} backend={backend}: wall {row['wall_s']:.1f} s, "
+                      f"{row['s_per_step_after_first']:.2f} s/step after the first", flush=True)
+        for c in configs:
+            rs = sorted(runs[c], key=lambda r: r["wall_s"])
+            row = dict(rs[(len(rs) - 1) // 2])  # the median run (use an odd --repeats)
+            if len(rs) > 1:
+                row["runs_wall_s"] = [r["wall_s"] for r in runs[c]]
+                row["runs_s_per_step_after_first"] = [r["s_per_step_after_first"]
+                                                      for r in runs[c]]
+                row["s_per_step_after_first"] = float(np.median(row["runs_s_per_step_after_first"]))
+                row["wall_s"] = float(np.median(row["runs_wall_s"]))
             rows.append(row)
-            print(f"latency {lat * 1e3:>4.0f} ms  k={k}  workers={row['workers']}  "
+            print(f"latency {lat * 1e3:>4.0f} ms  k={row['k']}  workers={row['workers']}  "
                   f"backend={row['backend']}  "
                   f"wall {row['wall_s']:7.1f} s  "
                   f"({row['s_per_step']:.2f} s/step, {row['s_per_step_after_first']:.2f} after "

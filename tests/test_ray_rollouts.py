@@ -147,3 +147,42 @@ def test_an_error_in_an_actor_reaches_the_trainer_with_its_traceback(tmp_path):
         t.train()
     t.close()
 
+
+
+@pytest.mark.slow  # builds (or reuses) the demo's warm-up base (~6 min): a policy that calls tools
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_partial_rollouts_load_newer_weights_between_turns(tmp_path, backend):
+    """``async_config.partial_rollouts``: a worker (process or actor) loads weights published
+    while its episodes run, so later turns of an episode carry a newer policy version; the
+    versions only grow along an episode and stay within k of the step that trains on them."""
+    from mtrl_jax.demo import DEMO_RECIPE, warmup
+    from mtrl_jax.training.trainer import MultiTurnRLTrainer
+
+    steps, k = 4, 1
+    t = MultiTurnRLTrainer(DEMO_RECIPE, overrides=[
+        f"model.path={warmup(verbose=False)}", f"output_dir={tmp_path / backend}",
+        f"steps={steps}", "eval_interval=0", "checkpoint_interval=0", "rollout.batch_size=4",
+        "rollout.simulated_tool_latency_s=0.3", f"async_config.max_steps_off_policy={k}",
+        "async_config.partial_rollouts=true", f"async_config.backend={backend}"],
+        verbose=False, resume=False)
+    seen: list[tuple[int, list[list[int]]]] = []
+    orig = t._staleness_metrics
+
+    def spy(trajs, step):
+        seen.append((step, [[v for s in tr.samples
+                             for v, m in zip(s.policy_version, s.loss_mask, strict=True) if m]
+                            for tr in trajs]))
+        return orig(trajs, step)
+
+    t._staleness_metrics = spy
+    t.train()
+    t.close()
+    assert [s for s, _ in seen] == list(range(steps))
+    mixed = 0
+    for step, episodes in seen:
+        for versions in episodes:
+            assert versions == sorted(versions)  # a newer version only in later turns
+            assert step - k <= versions[0] and versions[-1] <= step
+            mixed += len(set(versions)) > 1
+    assert mixed > 0  # weights arrived mid-episode and the later turns used them
+    assert [r["step"] for r in _ledger(t)] == list(range(steps))

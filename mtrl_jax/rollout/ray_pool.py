@@ -131,8 +131,12 @@ class RayRolloutPool(ProcessRolloutPool):
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
+                # Ray runs its workers at niceness 15 by default; rollout actors that share the
+                # machine with the trainer would then get the CPU only when it is idle (the
+                # process pool's workers run at the trainer's priority)
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(a.ray_num_cpus * a.num_workers)),
-                         include_dashboard=False, log_to_driver=False)
+                         include_dashboard=False, log_to_driver=False,
+                         _system_config={"worker_niceness": 0})
                 self._owns_ray = True
         self._actor_cls = ray.remote(RolloutActor)
         self._weight_refs: dict[int, Any] = {}
