@@ -63,6 +63,8 @@ def test_ray_actors_reproduce_the_synchronous_trainer_and_leave_nothing(tmp_path
         orig()
         pools.append(t.source)
         assert ray.is_initialized()
+        # ray.init's own SIGTERM handler (exit at once) did not displace the trainer's
+        assert signal.getsignal(signal.SIGTERM) == t._signals._handle
         deadline = time.time() + 120
         while not t.source.pids and time.time() < deadline:
             time.sleep(0.1)
@@ -83,6 +85,7 @@ def test_ray_actors_reproduce_the_synchronous_trainer_and_leave_nothing(tmp_path
     assert [r["step"] for r in _ledger(t)] == [0, 1, 2]
     # the run started the local cluster, so it stopped it: no actor, raylet or GCS is left
     assert not ray.is_initialized()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert set(actor_pids) <= set(cluster) and len(cluster) > len(actor_pids)  # + raylet, GCS
     deadline = time.time() + 20
     while any(_alive(p) for p in cluster) and time.time() < deadline:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,10 @@ class RayRolloutPool(ProcessRolloutPool):
         address = a.ray_address or os.environ.get("RAY_ADDRESS")
         self._owns_ray = False
         if not ray.is_initialized():
+            # ray.init replaces the SIGTERM handler with one that exits and never puts it back:
+            # the trainer's own (checkpoint, then stop) must stay in force
+            main = threading.current_thread() is threading.main_thread()
+            old_term = signal.getsignal(signal.SIGTERM) if main else None
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
@@ -138,6 +143,8 @@ class RayRolloutPool(ProcessRolloutPool):
                          include_dashboard=False, log_to_driver=False,
                          _system_config={"worker_niceness": 0})
                 self._owns_ray = True
+            if main and old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
         self._actor_cls = ray.remote(RolloutActor)
         self._weight_refs: dict[int, Any] = {}
         self._drains: dict[int, Any] = {}  # worker id -> its pending drain call
