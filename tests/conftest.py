@@ -5,6 +5,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # generated task data goes to a fresh folder per test session, never the user's cache
 os.environ["MTRL_DATA_DIR"] = _DATA = tempfile.mkdtemp(prefix="mtrl-test-data-")
@@ -53,3 +55,26 @@ settings.register_profile(
     "thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _missing_dependency_fails_under_ci(report) -> None:
+    """A test skipped because an optional dependency did not import is a failure under CI
+    (``CI=true``): CI installs every extra the tests use, so the skip means a broken install."""
+    if not os.environ.get("CI") or not report.skipped:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if "could not import" in reason:
+        report.outcome = "failed"
+        report.longrepr = f"under CI every test dependency must be installed: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _missing_dependency_fails_under_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _missing_dependency_fails_under_ci(outcome.get_result())
