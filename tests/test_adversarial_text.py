@@ -47,15 +47,23 @@ def _best_time(fn, arg, repeats: int):
     return best, out
 
 
-def _assert_linear(fn, small, big):
+def _assert_linear(fn, small, big, attempts: int = 3):
     """Time ``fn`` on a 100 KB and a 1 MB input: under ``MAX_SECONDS`` and at most
-    ``MAX_RATIO`` times the 100 KB time (1 ms at least); returns both results."""
-    t_small, out_small = _best_time(fn, small, 3)
-    t_big, out_big = _best_time(fn, big, 2)
-    assert t_big < MAX_SECONDS, f"{t_big:.2f}s for 1 MB"
-    assert t_big < MAX_RATIO * max(t_small, 1e-3), \
-        f"not linear: {t_small * 1e3:.1f} ms for 100 KB, {t_big * 1e3:.1f} ms for 1 MB"
-    return out_small, out_big
+    ``MAX_RATIO`` times the 100 KB time (1 ms at least); returns both results.
+
+    A quadratic cost gives ~100x on every attempt; a noisy machine (CI beside other jobs once
+    gave 31x for a case that measures 9-12x alone) rarely spoils several attempts in a row,
+    so the ratio is measured up to ``attempts`` times and must hold on one of them."""
+    ratios = []
+    for _ in range(attempts):
+        t_small, out_small = _best_time(fn, small, 3)
+        t_big, out_big = _best_time(fn, big, 2)
+        assert t_big < MAX_SECONDS, f"{t_big:.2f}s for 1 MB"
+        ratios.append((t_small, t_big))
+        if t_big < MAX_RATIO * max(t_small, 1e-3):
+            return out_small, out_big
+    raise AssertionError("not linear: " + "; ".join(
+        f"{a * 1e3:.1f} ms for 100 KB, {b * 1e3:.1f} ms for 1 MB" for a, b in ratios))
 
 
 # ------------------------------------------------------------------------------ inputs
