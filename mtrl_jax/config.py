@@ -84,8 +84,13 @@ class ModelSection:
         hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
         head_dim=32, tie_word_embeddings=True))
     tokenizer: str = "byte"
-    dtype: str = "float32"  # activations and matmuls
-    param_dtype: str = "float32"  # the frozen base weights (LoRA weights and optimizer: f32)
+    # activations and matmuls / the frozen base weights (LoRA weights and optimizer: f32);
+    # ``auto`` = bfloat16 on GPU and TPU, float32 on CPU (mtrl_jax/models/accelerator.py)
+    dtype: str = "auto"
+    param_dtype: str = "auto"
+    # the packed forward's attention: xla (dense mask) | pallas (blockwise kernel) | auto (XLA on
+    # CPU and TPU, the kernel on GPU after a probe)
+    attention: Literal["auto", "xla", "pallas"] = "auto"
     remat: bool = False  # recompute each layer in the train step's backward (memory for time)
     warmup_checkpoint: str | None = None  # a base the demo's SFT warm-up wrote (see demo.py)
 
@@ -428,10 +433,13 @@ def _lora_targets(v: tuple[str, ...]):
 def _float_dtype(v: str):
     import jax.numpy as jnp
 
+    if v == "auto":
+        return None
+
     try:
         dt = jnp.dtype(v)
     except TypeError:
-        return f"{v!r} is not a dtype (e.g. float32, bfloat16)"
+        return f"{v!r} is not a dtype (e.g. float32, bfloat16, or auto)"
     return None if jnp.issubdtype(dt, jnp.floating) else f"{v!r} is not a floating dtype"
 
 
@@ -455,6 +463,7 @@ _RULES: dict[str, Any] = {
     "model.dtype": _float_dtype,
     "model.param_dtype": _float_dtype,
     "model.remat": None,
+    "model.attention": None,
     "model.warmup_checkpoint": _optional(_non_empty),
     "lora.lora_rank": _at_least(1),
     "lora.lora_alpha": _above(0),

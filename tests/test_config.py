@@ -249,6 +249,7 @@ BAD_VALUES = [
     ("model.dtype=floaty", "model.dtype"),
     ("model.param_dtype=int32", "model.param_dtype"),
     ("model.remat=maybe", "model.remat"),
+    ("model.attention=flash", "model.attention"),
     ("model.warmup_checkpoint=''", "model.warmup_checkpoint"),
     ("model.tokenizer=demo_words", "model.tokenizer"),  # without model.path
     ("model.tiny={num_heads: 3, num_kv_heads: 2}", "model.tiny.num_heads"),

@@ -9,7 +9,11 @@ Stages (``--only``; each is recorded, a failing stage does not stop the others; 
 rewritten after each stage, so a run cut short keeps what it measured):
 
 1. ``tests``: the model, kernel and sampler tests that matter on an accelerator
-   (``pytest -m "not slow"`` on TEST_FILES);
+   (``pytest -m "not slow"`` on TEST_FILES; on a GPU the Pallas attention tests run the
+   compiled kernel, not interpret mode);
+1b. ``attention``: the packed attention alone (forward + backward of one layer's call on
+   ``--rows`` x ``--seq`` packed tokens), the Pallas kernel vs the XLA path: differences and
+   time;
 2. ``train``: one LoRA step (r16 on every projection, random init, ``--dtype`` bf16 by
    default, ``--rows`` x ``--seq`` = 8 x 4096 packed tokens) at the shapes of Qwen2.5-0.5B and
    1.5B, ours (``benchmarks/models.py``'s step) and the transformers + PEFT peer
@@ -44,7 +48,7 @@ from shapes import SHAPES  # noqa: E402
 
 TEST_FILES = ["tests/test_models.py", "tests/test_losses.py", "tests/test_advantages.py",
               "tests/test_jax_sampler.py", "tests/test_shared_prefix.py",
-              "tests/test_prefill_chunks.py"]
+              "tests/test_prefill_chunks.py", "tests/test_flash_attention.py"]
 
 
 class CompileCounter:
@@ -78,12 +82,13 @@ def fingerprint() -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def model_config(shape: str, dtype: str):
+def model_config(shape: str, dtype: str, attention: str = "xla"):
     from mtrl_jax.models import ModelConfig
 
     s = dict(SHAPES[shape])
     return ModelConfig(model_type="qwen2", qkv_bias=True, max_position_embeddings=32768,
-                       rope_theta=1e6, dtype=dtype, **s)
+                       rope_theta=1e6, dtype=dtype, param_dtype=dtype, attention=attention,
+                       **s)
 
 
 def run_peer(args: list[str], timeout: float) -> dict:
@@ -113,16 +118,31 @@ def stage_train(a, counter) -> dict:
 
     res = {}
     for shape in a.train_shapes:
-        cfg = model_config(shape, a.dtype)
-        before = counter.count
-        measure = bench_train(cfg, LoRAConfig(rank=16, alpha=32.0), a.rows, a.seq, 128,
-                              a.warmup, a.iters, a.remat, None)
-        first = counter.count - before
-        ours = measure()
-        ours["compiles_first_step"] = first
-        ours["compiles_after_first"] = counter.count - before - first
-        ours["mfu_hw"] = ours["flops_hw"] / ours["step_s"] / (a.peak_tflops * 1e12)
-        rec = {"ours": ours}
+        by_impl = {}
+        for impl in a.attention:
+            cfg = model_config(shape, a.dtype, impl)
+            before = counter.count
+            try:
+                measure = bench_train(cfg, LoRAConfig(rank=16, alpha=32.0), a.rows, a.seq, 128,
+                                      a.warmup, a.iters, a.remat, None)
+                first = counter.count - before
+                ours = measure()
+            except Exception as e:
+                by_impl[impl] = {"error": f"{type(e).__name__}: {e}"[-1500:]}
+                print(f"[train] {shape} attention={impl} failed: {e!r}"[:400], flush=True)
+                continue
+            ours["attention"] = impl
+            ours["compiles_first_step"] = first
+            ours["compiles_after_first"] = counter.count - before - first
+            ours["mfu_hw"] = ours["flops_hw"] / ours["step_s"] / (a.peak_tflops * 1e12)
+            by_impl[impl] = ours
+            print(f"[train] {shape} attention={impl}: {ours['tokens_per_s']:.0f} tokens/s, "
+                  f"MFU(hw) {ours['mfu_hw']:.3f}", flush=True)
+        done = [o for o in by_impl.values() if "tokens_per_s" in o]
+        if not done:
+            raise RuntimeError(f"{shape}: every attention path failed: {by_impl}")
+        ours = max(done, key=lambda o: o["tokens_per_s"])  # the faster path is the result
+        rec = {"ours": ours, "ours_by_attention": by_impl}
         try:
             peer = run_peer(["train", "--shape", shape, "--rows", str(a.rows), "--seq",
                              str(a.seq), "--dtype", a.dtype, "--iters", str(a.iters),
@@ -133,9 +153,70 @@ def stage_train(a, counter) -> dict:
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             rec["peer_error"] = str(e)[-1500:]
         res[shape] = rec
-        print(f"[train] {shape}: {ours['tokens_per_s']:.0f} tokens/s, MFU(hw) "
+        print(f"[train] {shape} (attention={ours['attention']}): "
+              f"{ours['tokens_per_s']:.0f} tokens/s, MFU(hw) "
               f"{ours['mfu_hw']:.3f}, ratio vs peer {rec.get('ratio_vs_peer', float('nan')):.2f}"
               f", compiles after the first step {ours['compiles_after_first']}", flush=True)
+    return res
+
+
+def stage_attention(a) -> dict:
+    """The packed attention alone, per layer-sized call: the Pallas kernel against the XLA path
+    on ``--rows`` x ``--seq`` rows of episodes (256-1,024 tokens, half of them in shared-prefix
+    groups): the largest output and gradient differences, and forward+backward time."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mtrl_jax.models.flash_attention import flash_attention
+    from mtrl_jax.models.transformer import attend, packed_mask
+
+    s = SHAPES[a.train_shapes[0]]
+    h, kv, d = s["num_heads"], s["num_kv_heads"], s["head_dim"]
+    rng = np.random.default_rng(0)
+    seg = np.zeros((a.rows, a.seq), np.int32)
+    par = np.zeros((a.rows, a.seq), np.int32)
+    lo, hi = (a.seq // 16, a.seq // 4) if a.seq >= 1024 else (8, 32)
+    for r in range(a.rows):
+        pos, sid = 0, 1
+        while pos < a.seq - lo:
+            n = int(rng.integers(lo, hi + 1))
+            seg[r, pos:pos + n] = sid
+            if rng.random() < 0.5 and sid > 1 and par[r, pos - 1] == 0:
+                par[r, pos:pos + n] = sid - 1  # a child of the previous segment
+            pos, sid = min(pos + n, a.seq), sid + 1
+    dt = jnp.dtype(a.dtype)
+    q = jnp.asarray(rng.normal(size=(a.rows, a.seq, h, d)), dt)
+    k = jnp.asarray(rng.normal(size=(a.rows, a.seq, kv, d)), dt)
+    v = jnp.asarray(rng.normal(size=(a.rows, a.seq, kv, d)), dt)
+    w = jnp.asarray(rng.normal(size=q.shape), dt) * jnp.asarray(seg > 0)[..., None, None]
+    segj, parj = jnp.asarray(seg), jnp.asarray(par)
+    impls = {"xla": lambda q, k, v: attend(q, k, v, packed_mask(segj, parj), causal_block=1024),
+             "pallas": lambda q, k, v: flash_attention(q, k, v, segj, parj)}
+    res, outs = {}, {}
+    for name, f in impls.items():
+        step = jax.jit(jax.value_and_grad(
+            lambda q, k, v, f=f: jnp.sum((f(q, k, v) * w).astype(jnp.float32)),
+            argnums=(0, 1, 2)))
+        try:
+            outs[name] = jax.block_until_ready(step(q, k, v))
+            times = []
+            for _ in range(max(a.iters, 3)):
+                t0 = time.perf_counter()
+                jax.block_until_ready(step(q, k, v))
+                times.append(time.perf_counter() - t0)
+            res[name] = {"fwd_bwd_s": statistics.median(times)}
+        except Exception as e:
+            res[name] = {"error": f"{type(e).__name__}: {e}"[-1500:]}
+    if all("fwd_bwd_s" in r for r in res.values()):
+        (lx, gx), (lp, gp) = outs["xla"], outs["pallas"]
+        res["loss_rel_diff"] = float(abs(lp - lx) / max(abs(lx), 1e-6))
+        res["grad_rel_diff"] = {n: float(jnp.max(jnp.abs((b - c).astype(jnp.float32)))
+                                         / jnp.max(jnp.abs(b.astype(jnp.float32))))
+                                for n, b, c in zip("qkv", gx, gp, strict=True)}
+        res["speedup_pallas_vs_xla"] = res["xla"]["fwd_bwd_s"] / res["pallas"]["fwd_bwd_s"]
+    res["tokens_real"] = int((seg > 0).sum())
+    print(f"[attention] {json.dumps(res, default=str)[:600]}", flush=True)
     return res
 
 
@@ -206,7 +287,9 @@ def stage_rl(a) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--only", default="tests,train,decode,rl")
+    p.add_argument("--only", default="tests,attention,train,decode,rl")
+    p.add_argument("--attention", default="xla,pallas",
+                   help="the attention paths the train stage measures (the faster one counts)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU test)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--rows", type=int, default=8)
@@ -223,6 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--peer-timeout", type=float, default=240)
     p.add_argument("--tests-timeout", type=float, default=150)
     a = p.parse_args(argv)
+    a.attention = [x for x in a.attention.split(",") if x]
     a.train_shapes, a.decode_shape, a.rl_shape = ["qwen2.5-0.5b", "qwen2.5-1.5b"], \
         "qwen2.5-0.5b", "bench-25m"
     a.decode_batches = [64, 256]
@@ -241,7 +325,8 @@ def main(argv=None) -> int:
             json.dump(rec, f, indent=1, default=float)
         os.replace(a.out + ".tmp", a.out)
 
-    stages = {"tests": lambda: stage_tests(a), "train": lambda: stage_train(a, counter),
+    stages = {"tests": lambda: stage_tests(a), "attention": lambda: stage_attention(a),
+              "train": lambda: stage_train(a, counter),
               "decode": lambda: stage_decode(a, counter), "rl": lambda: stage_rl(a)}
     for name in a.only.split(","):
         t0 = time.perf_counter()

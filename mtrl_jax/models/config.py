@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+ATTENTION_IMPLS = ("xla", "pallas")
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
@@ -84,6 +85,10 @@ class ModelConfig:
       max_position_embeddings: the model's context length (informational; not enforced).
       param_dtype: dtype the weights are stored in; dtype: dtype of activations/matmuls.
         Log-probs and the softmax are always computed in float32.
+      attention: the packed forward's attention: ``xla`` (a ``[B, L, L]`` mask, dense scores;
+        the reference, fastest on CPU) or ``pallas`` (the blockwise kernel of
+        :mod:`mtrl_jax.models.flash_attention`: no score matrix, skips blocks no query sees;
+        for accelerators). Decoding is unaffected.
     """
 
     model_type: Literal["llama", "qwen2", "qwen3"] = "qwen2"
@@ -107,6 +112,7 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"
+    attention: str = "xla"
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):  # keep the config hashable (static under jit)
@@ -122,6 +128,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLS}")
         for name in ("param_dtype", "dtype"):
             try:
                 jnp.dtype(getattr(self, name))

@@ -292,6 +292,14 @@ def packed_mask(segment_ids: jax.Array, parent_ids: jax.Array | None = None) -> 
     return causal & visible & (segment_ids[:, None, :] > 0)
 
 
+class PackedIds(NamedTuple):
+    """What the layers get instead of a ``[B, L, L]`` mask under ``attention="pallas"``: the
+    blockwise kernel computes the same mask from the ids, block by block."""
+
+    segment_ids: jax.Array
+    parent_ids: jax.Array | None
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, lora: LoRAConfig, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
@@ -324,7 +332,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, use_lora: bool = True):
         q, k, v = self.qkv(x, cos, sin, use_lora)
-        out = attend(q, k, v, mask, causal_block=ATTENTION_BLOCK)
+        if isinstance(mask, PackedIds):  # ModelConfig.attention == "pallas"
+            from mtrl_jax.models.flash_attention import flash_attention
+
+            out = flash_attention(q, k, v, mask.segment_ids, mask.parent_ids)
+        else:
+            out = attend(q, k, v, mask, causal_block=ATTENTION_BLOCK)
         return self.o_proj(out.reshape(*x.shape[:2], -1), use_lora)
 
 
@@ -513,7 +526,10 @@ class CausalLM(nnx.Module):
                                  f"{tokens.shape}")
         x = self.embed(tokens)
         cos, sin = self.rope(positions)
-        mask = packed_mask(segment_ids, parent_ids)
+        if self.cfg.attention == "pallas":
+            mask = PackedIds(segment_ids, parent_ids)
+        else:
+            mask = packed_mask(segment_ids, parent_ids)
         if remat:
             x = self._remat_layers(x, cos, sin, mask, use_lora)
         else:

@@ -20,6 +20,7 @@ from flax import nnx
 from mtrl_jax.envs.base import Environment, Task
 from mtrl_jax.envs.families import make_env as family_env
 from mtrl_jax.envs.scoring import strict_score
+from mtrl_jax.models.accelerator import resolve_attention, resolve_dtype
 from mtrl_jax.models.checkpoint import load_model
 from mtrl_jax.models.config import ModelConfig
 from mtrl_jax.models.decoding import SamplingParams
@@ -36,18 +37,18 @@ def build_policy(config):
     policy). Deterministic: a rollout worker rebuilds the same base from the config."""
     m, lo = config.model, config.lora
     lora = LoRAConfig(rank=lo.lora_rank, alpha=lo.lora_alpha, targets=tuple(lo.targets))
+    numerics = dict(dtype=resolve_dtype(m.dtype), param_dtype=resolve_dtype(m.param_dtype),
+                    attention=resolve_attention(m.attention))
     if m.path is not None:
         tokenizer = load_tokenizer(m.path)
-        model = load_model(m.path, lora=lora, seed=config.seed, dtype=m.dtype,
-                           param_dtype=m.param_dtype)
+        model = load_model(m.path, lora=lora, seed=config.seed, **numerics)
         return tokenizer, model
     if m.tokenizer != "byte":
         raise ValueError(f"model.tokenizer={m.tokenizer!r} needs model.path (a checkpoint "
                          "directory holding that tokenizer, e.g. the demo's warm-up output)")
     tokenizer = build_byte_tokenizer()
     cfg = ModelConfig(**{"model_type": "qwen2", "vocab_size": len(tokenizer),
-                         "max_position_embeddings": 4096, "dtype": m.dtype,
-                         "param_dtype": m.param_dtype, **m.tiny})
+                         "max_position_embeddings": 4096, **numerics, **m.tiny})
     model = CausalLM(cfg, lora, rngs=nnx.Rngs(config.seed))
     return tokenizer, model
 
