@@ -5,10 +5,12 @@
   log-probs and softmax are computed in float32 everywhere), ``float32`` on CPU (XLA:CPU's
   bf16 matmuls are not faster, and the CPU tests compare against float32 references).
 - ``model.attention: auto``: the XLA path on CPU (its dense masked attention is the fastest
-  there at the demo's row lengths); on GPU the Pallas kernel of
+  there at the demo's row lengths); on a single GPU the Pallas kernel of
   :mod:`mtrl_jax.models.flash_attention`, after a one-time probe that compiles and checks it
   on a tiny input (a failure falls back to XLA with one warning naming the error); on TPU the
-  XLA path (the kernel is checked in interpret mode only; ``attention: pallas`` forces it).
+  XLA path (the kernel is checked in interpret mode only; ``attention: pallas`` forces it);
+  on several devices the XLA path (a ``pallas_call`` is not partitioned by sharding
+  propagation; wrapping the kernel in ``shard_map`` over the batch is not done yet).
 
 The CPU-only machinery is chosen by the backend elsewhere: the feature-major decode step and
 the C++ attention FFI kernel only when ``jax.default_backend() == "cpu"``
@@ -40,7 +42,9 @@ def resolve_attention(value: str, platform: str | None = None) -> str:
     if value != "auto":
         return value
     platform = platform or backend()
-    if platform != "gpu":
+    if platform != "gpu" or jax.device_count() > 1:
+        # several devices: a pallas_call is not partitioned by XLA's sharding propagation
+        # (its inputs would be gathered whole); the kernel under shard_map is not done yet
         return "xla"
     ok, err = _pallas_probe()
     if ok:

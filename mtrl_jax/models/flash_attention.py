@@ -19,7 +19,10 @@ head, summed over the heads that share a key head afterwards) that recompute the
 from the saved log-sum-exp. Grouped-query attention: query head ``h`` reads key head ``h // G``.
 
 On CPU the kernels run in Pallas interpret mode (tests: equal to the XLA path in values and
-gradients); on GPU they lower through Triton; TPU lowering (Mosaic) is not verified.
+gradients, also under the TPU interpreter, ``interpret=pltpu.InterpretParams()``); on GPU they
+lower through Triton (checked by ``benchmarks/device/h200.sh`` on a lent GPU); Mosaic (TPU)
+lowering is not verified. Under a multi-device mesh the call is not partitioned (see
+:mod:`mtrl_jax.models.accelerator`).
 """
 
 from __future__ import annotations
@@ -302,5 +305,5 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     seg = jnp.pad(seg, ((0, 0), (0, n_pad - n)))
     par = jnp.pad(par, ((0, 0), (0, n_pad - n)))
     out = _flash(prep(q), prep(k), prep(v), seg, par, bq, bk, float(d) ** -0.5,
-                 bool(interpret))  # zero columns of the padded head dim change no score
+                 interpret)  # zero columns of the padded head dim change no score
     return jnp.transpose(out, (0, 2, 1, 3))[:, :n, :, :d]
