@@ -105,7 +105,9 @@ def stage_tests(a) -> dict:
     t0 = time.time()
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-x",
                           "-p", "no:cacheprovider", "--no-header", *TEST_FILES],
-                         capture_output=True, text=True, timeout=a.tests_timeout, cwd=ROOT)
+                         capture_output=True, text=True, timeout=a.tests_timeout, cwd=ROOT,
+                         # float32 references: no TF32 in XLA's matmuls (the GPU default)
+                         env={**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"})
     tail = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     return {"returncode": out.returncode, "summary": tail, "seconds": time.time() - t0,
             "output_tail": (out.stdout + out.stderr)[-3000:] if out.returncode else ""}

@@ -60,6 +60,16 @@ def _bounds(seg: jax.Array, par: jax.Array) -> tuple[jax.Array, jax.Array]:
     return first_key, last_query
 
 
+def _precision(dtype):
+    """Float32 inputs get float32 matmuls (Triton's default for them is TF32, which would
+    part from the XLA path at 1e-3); bf16 inputs the default."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _dot(precision):
+    return functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
+
+
 def _visible(rows, cols, seg_q, par_q, seg_k):
     return ((cols[None, :] <= rows[:, None]) & (seg_k[None, :] > 0)
             & ((seg_q[:, None] == seg_k[None, :]) | (par_q[:, None] == seg_k[None, :])))
@@ -69,7 +79,8 @@ def _visible(rows, cols, seg_q, par_q, seg_k):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, par_ref, first_ref, o_ref, lse_ref, *,
-                bq: int, bk: int, scale: float):
+                bq: int, bk: int, scale: float, precision=None):
+    dot = _dot(precision)
     i = pl.program_id(2)
     q = q_ref[...]
     rows = i * bq + jnp.arange(bq)
@@ -84,14 +95,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, par_ref, first_ref, o_ref, lse_ref
         v = v_ref[pl.ds(j * bk, bk), :]
         cols = j * bk + jnp.arange(bk)
         mask = _visible(rows, cols, seg_q, par_q, seg_ref[pl.ds(j * bk, bk)])
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+        s = dot(q, k.T) * scale
         s = jnp.where(mask, s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
         s_sum = alpha * s_sum + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
-                                             preferred_element_type=jnp.float32)
+        acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
         return acc, m_new, s_sum
 
     d = q.shape[-1]
@@ -108,7 +118,8 @@ def _forward(q, k, v, seg, par, first, *, bq, bk, scale, interpret):
     """``q [B, H, L, D]``, ``k, v [B, KV, L, D]`` -> ``(out [B, H, L, D], lse [B, H, L])``."""
     b, h, n, d = q.shape
     groups = h // k.shape[1]
-    kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, scale=scale)
+    kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, scale=scale,
+                               precision=_precision(q.dtype))
     row = pl.BlockSpec((None, n), lambda bi, hi, i: (bi, 0))
     return pl.pallas_call(
         kernel,
@@ -134,7 +145,8 @@ def _forward(q, k, v, seg, par, first, *, bq, bk, scale, interpret):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, par_ref, first_ref,
-               dq_ref, *, bq: int, bk: int, scale: float):
+               dq_ref, *, bq: int, bk: int, scale: float, precision=None):
+    dot = _dot(precision)
     i = pl.program_id(2)
     q = q_ref[...]
     do = do_ref[...]
@@ -151,21 +163,22 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, par_ref
         v = v_ref[pl.ds(j * bk, bk), :]
         cols = j * bk + jnp.arange(bk)
         mask = _visible(rows, cols, seg_q, par_q, seg_ref[pl.ds(j * bk, bk)])
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+        s = dot(q, k.T) * scale
         p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+        dp = dot(do, v.T)
         ds = p * (dp - delta[:, None])
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        return dq + dot(ds.astype(k.dtype), k)
 
     dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, par_ref, last_ref,
-                dk_ref, dv_ref, *, bq: int, bk: int, scale: float):
+                dk_ref, dv_ref, *, bq: int, bk: int, scale: float, precision=None):
     """One key block against the queries of one head (the heads that share a key head are
     summed afterwards: every block dimension stays a power of 2 for Triton, whatever the
     group size)."""
+    dot = _dot(precision)
     j = pl.program_id(2)
     n = seg_ref.shape[0]
     k = k_ref[...]
@@ -184,12 +197,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, par_re
         rows = t * bq + jnp.arange(bq)
         mask = _visible(rows, cols, seg_ref[pl.ds(t * bq, bq)], par_ref[pl.ds(t * bq, bq)],
                         seg_k)
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+        s = dot(q, k.T) * scale
         p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-        dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+        dv = dv + dot(p.T.astype(do.dtype), do)
+        dp = dot(do, v.T)
         ds = p * (dp - delta[:, None])
-        dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        dk = dk + dot(ds.T.astype(q.dtype), q)
         return dk, dv
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -212,7 +225,8 @@ def _backward(q, k, v, out, lse, do, seg, par, first, last, *, bq, bk, scale, in
     kv_block = pl.BlockSpec((None, None, bk, d), lambda bi, hi, j: (bi, hi // groups, j, 0))
     head_kv_block = pl.BlockSpec((None, None, bk, d), lambda bi, hi, j: (bi, hi, j, 0))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, bq=bq, bk=bk, scale=scale),
+        functools.partial(_dq_kernel, bq=bq, bk=bk, scale=scale,
+                          precision=_precision(q.dtype)),
         grid=(b, h, n // bq),
         in_specs=[q_block, kv_rows, kv_rows, q_block, q_vec, q_vec, row, row, row],
         out_specs=q_block,
@@ -221,7 +235,8 @@ def _backward(q, k, v, out, lse, do, seg, par, first, last, *, bq, bk, scale, in
         name="mtrl_flash_dq",
     )(q, k, v, do, lse, delta, seg, par, first)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, bq=bq, bk=bk, scale=scale),
+        functools.partial(_dkv_kernel, bq=bq, bk=bk, scale=scale,
+                          precision=_precision(q.dtype)),
         grid=(b, h, n // bk),
         in_specs=[head_rows, kv_block, kv_block, head_rows, head_vec, head_vec, row, row, row],
         out_specs=[head_kv_block, head_kv_block],
