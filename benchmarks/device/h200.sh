@@ -2,6 +2,10 @@
 # One call on the lent GPU machine (issue 24), designed to finish in about 8 minutes:
 #   run(command="bash benchmarks/device/h200.sh", timeout_s=600)
 # Writes $OUT/h200.json (commit it as benchmarks/results/h200.json) and prints each stage.
+# Estimated, not measured (2026-12-04, with the attention stage and the second attention path of
+# the train stage): ~9-14 min in all, so the 560 s cap may cut decode and rl off; the JSON keeps
+# every finished stage. Then a second call finishes them:
+#   run(command="bash benchmarks/device/h200.sh --only decode,rl --out $OUT/h200_part2.json")
 # Tested end to end on CPU with tiny shapes: tests/test_device_bench.py.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
