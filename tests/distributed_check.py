@@ -5,8 +5,12 @@ reference, PPO clipping) on a fixed packed batch, run as (see test_distributed.p
   mesh OUT                         1 process x 4 CPU devices, mesh data=2 x tensor=2
   multi OUT PROCESS_ID COORDINATOR 2 processes x 2 CPU devices each, the same global mesh
 
+With ``MTRL_CHECK_ATTENTION=pallas`` in the environment the model attends through the Pallas
+kernel (interpret mode), which runs under ``jax.shard_map`` on a mesh.
+
 Writes OUT (npz, from process 0): the step's metrics, the LoRA weights after it (gathered
-whole), and how the LoRA and batch arrays were laid out."""
+whole), how the LoRA and batch arrays were laid out, and how many times ``jax.shard_map`` was
+called while the step traced."""
 
 import os
 import sys
@@ -38,8 +42,18 @@ OVERRIDES = [
     "num_kv_heads: 2, head_dim: 8, tie_word_embeddings: false}",
     "lora.lora_rank=4", "rollout.max_context_tokens=64", "packing.row_lengths=[64]",
     "optimizer.learning_rate=5e-2", "optimizer.mini_batches=2", "algorithm.kl_coef=0.05",
-    "seed=3",
+    "seed=3", f"model.attention={os.environ.get('MTRL_CHECK_ATTENTION', 'xla')}",
 ]
+SHARD_MAPS = [0]
+_shard_map = jax.shard_map
+
+
+def _counted_shard_map(*args, **kwargs):
+    SHARD_MAPS[0] += 1
+    return _shard_map(*args, **kwargs)
+
+
+jax.shard_map = _counted_shard_map
 
 
 def segments(n: int = 11) -> list[Segment]:
@@ -74,7 +88,7 @@ def main() -> None:
         np.savez(out_path, rows=batch.shape[0], devices=jax.device_count(),
                  processes=jax.process_count(),
                  lora_spec=str(getattr(first.sharding, "spec", "")),
-                 lora_local_shards=len(first.addressable_shards),
+                 lora_local_shards=len(first.addressable_shards), shard_maps=SHARD_MAPS[0],
                  metric_names=np.array(sorted(metrics)),
                  metric_values=np.array([metrics[k] for k in sorted(metrics)]),
                  **{f"lora{i}": x for i, x in enumerate(leaves)})

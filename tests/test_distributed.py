@@ -16,8 +16,8 @@ from mtrl_jax.training.update import _pad_rows
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(mode: str, out: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _run(mode: str, out: Path, *extra: str, attention: str = "xla") -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MTRL_CHECK_ATTENTION=attention)
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen([sys.executable, "-m", "tests.distributed_check", mode, str(out),
                              *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -63,6 +63,25 @@ def test_two_processes_give_the_update_of_one_process_with_the_same_mesh(tmp_pat
     moved = max(float(np.abs(r["ref"][f"lora{i}"]).max()) for i in range(n))
     diff = max(float(np.abs(r["multi"][f"lora{i}"] - r["ref"][f"lora{i}"]).max())
                for i in range(n))
+    assert moved > 0.05 and diff < 1e-3 * moved
+
+
+def test_the_pallas_kernel_runs_shard_by_shard_on_the_mesh(tmp_path):
+    """The update step on a data=2 x tensor=2 mesh of 4 CPU devices with ``attention: pallas``
+    (the kernel in interpret mode under ``jax.shard_map``: rows over ``data``, heads over
+    ``tensor``) equals one unsharded device on the XLA path."""
+    _wait([_run("mesh", tmp_path / "mesh.npz", attention="pallas"),
+           _run("ref", tmp_path / "ref.npz")])
+    mesh, ref = np.load(tmp_path / "mesh.npz"), np.load(tmp_path / "ref.npz")
+    assert int(mesh["devices"]) == 4 and int(ref["devices"]) == 1
+    # traced under the mesh: one shard_map per layer and program (forward, old and reference
+    # log-probs, train step); none on one device
+    assert int(mesh["shard_maps"]) >= 2 and int(ref["shard_maps"]) == 0
+    assert list(mesh["metric_names"]) == list(ref["metric_names"])
+    np.testing.assert_allclose(mesh["metric_values"], ref["metric_values"], rtol=1e-5, atol=1e-7)
+    n = len([k for k in ref.files if k.startswith("lora") and k[4:].isdigit()])
+    moved = max(float(np.abs(ref[f"lora{i}"]).max()) for i in range(n))
+    diff = max(float(np.abs(mesh[f"lora{i}"] - ref[f"lora{i}"]).max()) for i in range(n))
     assert moved > 0.05 and diff < 1e-3 * moved
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from mtrl_jax.config import load_config
 from mtrl_jax.models import ModelConfig
 from mtrl_jax.models.accelerator import resolve_attention, resolve_dtype
-from mtrl_jax.models.flash_attention import _bounds, flash_attention
+from mtrl_jax.models.flash_attention import _bounds, flash_attention, shard_axes
 from mtrl_jax.models.logprobs import token_logprobs
 from mtrl_jax.models.lora import LoRAConfig
 from mtrl_jax.models.transformer import CausalLM, attend, packed_mask
@@ -192,3 +192,19 @@ def test_the_kernel_runs_under_the_tpu_interpreter():
                                atol=2e-6, rtol=1e-5)
     for a, b in zip(*grads, strict=True):
         assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < 1e-5
+
+
+def test_shard_axes_split_rows_and_heads_only_where_they_divide():
+    """Under a mesh the kernel's rows go over ``data`` then ``fsdp`` and its heads over
+    ``tensor``, each only where the count divides (the run under a real 4-device mesh is
+    ``test_distributed.py::test_the_pallas_kernel_runs_shard_by_shard_on_the_mesh``)."""
+    class Mesh:
+        def __init__(self, **shape):
+            self.shape = shape
+
+    m = Mesh(data=2, fsdp=2, tensor=2)
+    assert shard_axes(m, 8, 4, 2) == (("data", "fsdp"), "tensor")
+    assert shard_axes(m, 2, 4, 2) == (("data",), "tensor")  # 2 rows: data only
+    assert shard_axes(m, 3, 4, 2) == (None, "tensor")
+    assert shard_axes(m, 4, 4, 1) == (("data", "fsdp"), None)  # one key head: heads whole
+    assert shard_axes(Mesh(data=1, fsdp=4, tensor=1), 4, 7, 1) == (("fsdp",), None)

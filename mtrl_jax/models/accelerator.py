@@ -9,8 +9,9 @@
   :mod:`mtrl_jax.models.flash_attention`, after a one-time probe that compiles and checks it
   on a tiny input (a failure falls back to XLA with one warning naming the error); on TPU the
   XLA path (the kernel is checked in interpret mode only; ``attention: pallas`` forces it);
-  on several devices the XLA path (a ``pallas_call`` is not partitioned by sharding
-  propagation; wrapping the kernel in ``shard_map`` over the batch is not done yet).
+  on several devices the XLA path too: there the kernel runs under ``shard_map`` (rows over
+  ``data`` x ``fsdp``, heads over ``tensor``; tested on 4 CPU devices), which
+  ``attention: pallas`` selects, but it has not been measured on a multi-device machine.
 
 The CPU-only machinery is chosen by the backend elsewhere: the feature-major decode step and
 the C++ attention FFI kernel only when ``jax.default_backend() == "cpu"``
@@ -43,8 +44,8 @@ def resolve_attention(value: str, platform: str | None = None) -> str:
         return value
     platform = platform or backend()
     if platform != "gpu" or jax.device_count() > 1:
-        # several devices: a pallas_call is not partitioned by XLA's sharding propagation
-        # (its inputs would be gathered whole); the kernel under shard_map is not done yet
+        # several devices: the kernel runs under shard_map there (flash_attention's mesh), but
+        # it has not been measured on a multi-device machine; ``attention: pallas`` forces it
         return "xla"
     ok, err = _pallas_probe()
     if ok:

@@ -21,8 +21,15 @@ from the saved log-sum-exp. Grouped-query attention: query head ``h`` reads key 
 On CPU the kernels run in Pallas interpret mode (tests: equal to the XLA path in values and
 gradients, also under the TPU interpreter, ``interpret=pltpu.InterpretParams()``); on GPU they
 lower through Triton (checked by ``benchmarks/device/h200.sh`` on a lent GPU); Mosaic (TPU)
-lowering is not verified. Under a multi-device mesh the call is not partitioned (see
-:mod:`mtrl_jax.models.accelerator`).
+lowering is not verified.
+
+Under a mesh of several devices (passed as ``mesh``, or the one ``jax.set_mesh`` makes current,
+as :class:`~mtrl_jax.training.distributed.MeshPlacement`'s updates do) the kernel runs under
+``jax.shard_map``: XLA's sharding propagation does not partition a ``pallas_call``, so without
+it every device would gather the whole batch. Rows are split over the mesh's ``data`` and
+``fsdp`` axes and heads over ``tensor`` (the layouts the partition rules of
+:mod:`mtrl_jax.models.sharding` give q, k and v), each where it divides; attention never
+crosses a row, so the shards need no communication.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 NEG = -1e30  # a masked score (finite: exp(NEG - NEG) stays defined)
 
@@ -279,7 +287,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                     parent_ids: jax.Array | None = None, *, block_q: int = 64,
-                    block_k: int = 64, interpret: bool | None = None) -> jax.Array:
+                    block_k: int = 64, interpret: bool | None = None,
+                    mesh=None) -> jax.Array:
     """Grouped-query attention over packed rows, equal to ``attend(q, k, v,
     packed_mask(segment_ids, parent_ids))`` for every query that is not padding (padding
     queries get 0 here, a uniform average there; both are ignored downstream).
@@ -290,6 +299,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
       block_q, block_k: rows per query / key block (powers of 2, at least 16; shrunk to the
         padded row length when it is shorter).
       interpret: run the kernels in Pallas interpret mode (default: on CPU).
+      mesh: a ``jax.sharding.Mesh`` (or abstract mesh) to run the kernel on shard by shard
+        (see the module doc); default: the mesh ``jax.set_mesh`` made current, if it has
+        more than one device.
 
     Returns ``[B, L, H, D]`` in ``q``'s dtype. Rows and the head dim are padded to powers of 2
     (at least 16) internally.
@@ -305,13 +317,46 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
             raise ValueError(f"{name} must be a power of 2 >= 16, got {blk}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if mesh is None:
+        current = jax.sharding.get_abstract_mesh()
+        mesh = None if current.empty else current
+    kw = dict(block_q=block_q, block_k=block_k, interpret=interpret)
+    par = jnp.zeros_like(segment_ids) if parent_ids is None else parent_ids
+    if mesh is not None and mesh.size > 1:
+        rows, heads = shard_axes(mesh, b, h, k.shape[2])
+        if rows or heads:
+            qkv = P(rows, None, heads, None)
+            return jax.shard_map(functools.partial(_local, **kw), mesh=mesh,
+                                 in_specs=(qkv, qkv, qkv, P(rows, None), P(rows, None)),
+                                 out_specs=qkv, check_vma=False)(q, k, v, segment_ids, par)
+    return _local(q, k, v, segment_ids, par, **kw)
+
+
+def shard_axes(mesh, rows: int, heads: int, kv_heads: int
+               ) -> tuple[tuple[str, ...] | None, str | None]:
+    """The mesh axes that split the rows (``data``, ``fsdp``: each where the rows still
+    divide) and the heads (``tensor``, where both head counts divide) for the kernel."""
+    split, n = [], 1
+    for axis in ("data", "fsdp"):
+        size = mesh.shape.get(axis, 1)
+        if size > 1 and rows % (n * size) == 0:
+            split.append(axis)
+            n *= size
+    t = mesh.shape.get("tensor", 1)
+    head_axis = "tensor" if t > 1 and heads % t == 0 and kv_heads % t == 0 else None
+    return (tuple(split) or None), head_axis
+
+
+def _local(q, k, v, segment_ids, parent_ids, *, block_q, block_k, interpret):
+    """The kernel on one device's ``[B, L, H, D]`` inputs (see :func:`flash_attention`)."""
+    _, n, _, d = q.shape
     # rows padded to a power of 2 (Triton's block dimensions must be; the padding is segment
     # 0, whose query blocks visit one key block each)
     n_pad = _pow2_at_least(n)
     bq, bk = min(block_q, n_pad), min(block_k, n_pad)
     d_pad = _pow2_at_least(d)
     seg = segment_ids.astype(jnp.int32)
-    par = jnp.zeros_like(seg) if parent_ids is None else parent_ids.astype(jnp.int32)
+    par = parent_ids.astype(jnp.int32)
 
     def prep(x):  # [B, L, heads, D] -> [B, heads, L_pad, D_pad]
         x = jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))

@@ -15,6 +15,7 @@ without a real row is not stepped: adam would still move the weights on a zero g
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from typing import Any
@@ -149,6 +150,14 @@ class Updater:
     def __call__(self, lora, opt_state, base, batch: PackedBatch
                  ) -> tuple[Any, Any, dict[str, float]]:
         """``(lora, opt_state, metrics)`` after the step's optimizer updates on ``batch``."""
+        mesh = getattr(self.place, "mesh", None)
+        # a placement's mesh is made current while the step traces and runs, so that the
+        # Pallas attention kernel runs shard by shard on it (flash_attention's ``mesh``)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            return self._update(lora, opt_state, base, batch)
+
+    def _update(self, lora, opt_state, base, batch: PackedBatch
+                ) -> tuple[Any, Any, dict[str, float]]:
         o = self.config.optimizer
         put, get = self.place.put, self.place.get
         arrays = _pad_rows({k: getattr(batch, k) for k in ARRAYS},
