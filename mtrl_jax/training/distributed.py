@@ -102,6 +102,7 @@ class LocalPlacement:
     """One process, one device: host arrays become device arrays as they are."""
 
     row_multiple = 1
+    mesh = None  # no mesh to make current during the step (MeshPlacement has one)
 
     def put(self, x: np.ndarray) -> jax.Array:
         return jax.numpy.asarray(x)

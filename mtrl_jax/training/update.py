@@ -150,7 +150,7 @@ class Updater:
     def __call__(self, lora, opt_state, base, batch: PackedBatch
                  ) -> tuple[Any, Any, dict[str, float]]:
         """``(lora, opt_state, metrics)`` after the step's optimizer updates on ``batch``."""
-        mesh = getattr(self.place, "mesh", None)
+        mesh = self.place.mesh
         # a placement's mesh is made current while the step traces and runs, so that the
         # Pallas attention kernel runs shard by shard on it (flash_attention's ``mesh``)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
