@@ -198,7 +198,9 @@ class AlgorithmSection:
     every loss shares: the aggregation (``norm_length`` is the constant of
     ``seq_mean_token_sum_norm``), the KL penalty against the base (adapters off), the entropy
     bonus and truncated importance sampling of the sampler/trainer mismatch (``tis_mode: auto``
-    = ``truncate`` when ``async_config.max_steps_off_policy > 0``, else ``none``)."""
+    = ``truncate`` when ``async_config.max_steps_off_policy > 0``, else ``none``).
+    ``field_credit``: the tokens of each answer field's value get that field's own group
+    advantage (:mod:`mtrl_jax.training.field_credit`; needs ``field/<name>`` reward metrics)."""
 
     advantage: KernelChoice = dataclasses.field(
         default_factory=_choice_factory("advantage", "group_based"),
@@ -213,6 +215,7 @@ class AlgorithmSection:
     tis_mode: Literal["auto", "none", "truncate", "mask"] = "auto"
     tis_level: Literal["token", "sequence", "geometric"] = "token"
     tis_cap: float = 2.0
+    field_credit: bool = False
 
 
 #: recipe keys that were replaced, and what replaced them
@@ -508,6 +511,7 @@ _RULES: dict[str, Any] = {
     "algorithm.tis_mode": None,
     "algorithm.tis_level": None,
     "algorithm.tis_cap": None,  # > 0: the kernels' TISParams (_check)
+    "algorithm.field_credit": None,  # an episode-level estimator: _check
     "async_config.max_steps_off_policy": _at_least(0),
     "async_config.mode": None,
     "async_config.backend": None,
@@ -749,6 +753,10 @@ def _check_kernels(c: TrainConfig, errors: list[str], ok) -> bool:
         errors.append(f"algorithm.advantage.k: pass@{k} over groups of exactly {k} samples "
                       "gives every sample the same value, so every advantage would be 0; use "
                       f"k < rollout.group_size ({g})")
+    if c.algorithm.field_credit and est.level == "turn":
+        errors.append(f"algorithm.field_credit: needs an episode-level estimator (the answer's "
+                      f"other tokens keep the episode's advantage); {adv.name!r} gives one per "
+                      "turn")
     return True
 
 

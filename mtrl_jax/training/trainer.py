@@ -55,6 +55,7 @@ from mtrl_jax.envs.base import Environment, Task
 from mtrl_jax.envs.families import load_tasks
 from mtrl_jax.evaluation.metrics import disagrees, episode_metrics, play_metrics, play_task_set
 from mtrl_jax.kernels import group_diagnostics
+from mtrl_jax.kernels.advantages import GroupBasedParams
 from mtrl_jax.models.checkpoint import export_peft_adapter, merge_lora, save_model
 from mtrl_jax.models.lora import split_lora
 from mtrl_jax.rollout.runner import RolloutRunner, base_fingerprint, build_policy
@@ -69,6 +70,7 @@ from mtrl_jax.training.batch import (
     pack_for_update,
 )
 from mtrl_jax.training.checkpointing import CheckpointError, Checkpoints, IncompatibleCheckpoint
+from mtrl_jax.training.field_credit import apply_field_credit
 from mtrl_jax.training.run_lock import RunLockError
 from mtrl_jax.training.update import Updater, make_optimizer
 
@@ -341,6 +343,10 @@ class MultiTurnRLTrainer:
         # batch -> update
         t1 = time.perf_counter()
         segments = episode_segments(trajs, adv, inputs.valid)
+        credit_metrics: dict[str, float] = {}
+        if c.algorithm.field_credit:
+            segments, credit_metrics = apply_field_credit(
+                segments, trajs, inputs.valid, self._decode, self._field_params())
         if segments:
             batch = pack_for_update(
                 segments, c.packing.row_lengths, row_multiple=c.packing.row_multiple,
@@ -361,6 +367,7 @@ class MultiTurnRLTrainer:
         metrics.update(self._staleness_metrics(trajs, step))
         metrics.update(roll.metrics)
         metrics.update(train_metrics)
+        metrics.update(credit_metrics)
         sampled = sum(t.num_sampled_tokens for t in trajs)
         metrics.update({
             "time/rollout_s": t_roll, "time/train_s": t_train,
@@ -389,6 +396,16 @@ class MultiTurnRLTrainer:
             self.history.append(metrics)
             self.source.publish(self.step, self.lora)
         return metrics
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _field_params(self) -> GroupBasedParams:
+        """Field credit normalises as the recipe's estimator does where it says how."""
+        p = self.config.algorithm.advantage.params
+        if isinstance(p, GroupBasedParams):
+            return p
+        return GroupBasedParams(normalize_by_std=getattr(p, "normalize_by_std", True))
 
     def _staleness_metrics(self, trajs: list[Trajectory], step: int) -> dict[str, float]:
         """Staleness of each episode used at ``step``: ``step`` minus the policy version its
