@@ -183,6 +183,8 @@ def apply_field_credit(segments: list[Segment], trajs: Sequence[Trajectory], val
             continue
         ends = token_ends(decode, ids)
         starts = np.concatenate([[0], ends[:-1]])
+        # a token that adds no character (a UTF-8 continuation byte) completes the one before
+        starts = np.where(starts == ends, np.maximum(starts - 1, 0), starts)
         seg = out[seg_k]
         adv = (np.asarray(seg.advantage, np.float32) if np.ndim(seg.advantage)
                else np.float32(seg.advantage) * (seg.loss_mask > 0).astype(np.float32))
