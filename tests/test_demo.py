@@ -63,8 +63,7 @@ def test_teacher_is_noisy_only_where_it_should_be():
         final = json.loads(turns[-1][len("<final_output>"):-len("</final_output>")])
         border = int(row["deviation_kg"]) in (1, 2)
         assert (final["mechanical"] != t.expected["mechanical"]) == border
-        assert (final["serial"] != t.expected["serial"]) == (row["registry"] in
-                                                             ("pending", "recalled"))
+        assert (final["serial"] != t.expected["serial"]) == (row["registry"] == "pending")
         assert (final["electrical"] != t.expected["electrical"]) == (row["battery"] in
                                                                      ("nominal", "degraded"))
         flipped += border
