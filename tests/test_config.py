@@ -303,6 +303,7 @@ BAD_VALUES = [
     ("algorithm.kl_estimator=k4", "algorithm.kl_estimator"),
     ("algorithm.entropy_coef=-1", "algorithm.entropy_coef"),
     ("algorithm.tis_mode=clip", "algorithm.tis_mode"),
+    ("algorithm.field_credit=maybe", "algorithm.field_credit"),
     ("algorithm.tis_level=segment", "algorithm.tis_level"),
     ("algorithm.tis_cap=.inf", "algorithm.tis_cap"),  # 0: "algorithm: tis.cap must be > 0"
     ("async_config.max_steps_off_policy=-1", "async_config.max_steps_off_policy"),
